@@ -14,14 +14,23 @@ PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = range(4)
 
-# Tokens the COCO caption toolkit's PTBTokenizer drops after tokenizing (pycocoevalcap/tokenizer/ptbtokenizer.py),
-# plus the bracket forms nltk's Treebank tokenizer emits where Stanford's emits -LRB- and friends.
-_PUNCTUATION = frozenset(
-    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
-    + ["-lrb-", "-rrb-", "-lcb-", "-rcb-", "(", ")", "{", "}", "[", "]", '"']
-)
+# Tokens the COCO caption toolkit's PTBTokenizer drops after tokenizing (pycocoevalcap/tokenizer/ptbtokenizer.py).
+# Its list has the bracket names in upper case while its output is lower case, so "-lrb-" and friends are kept.
+_PUNCTUATION = frozenset(["''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"'])
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+# Stanford keeps the period of these abbreviations; nltk's Treebank tokenizer splits only a sentence-final period.
+_ABBREVIATIONS = frozenset(["mr", "mrs", "ms", "dr", "jr", "sr", "st", "mt", "vs", "etc", "inc", "co", "ltd", "ave",
+                            "prof", "gen", "capt", "sgt", "lt", "col", "rev", "no"])
 _TREEBANK = TreebankWordTokenizer()
 _WHITESPACE = re.compile(r"\s+")
+_WORD_PERIOD = re.compile(r"(?<!\S)([\w.]*\w)\.+(?=\s|$)")
+_LEADING_HYPHEN = re.compile(r"(?<!\S)-+(?=\w)")
+
+
+def _split_period(m: re.Match) -> str:
+    """'word.' -> 'word .', but abbreviations, single letters and acronyms ('mr.', 'u.', 'd.c.') keep the period."""
+    word = m[1]
+    return m[0] if word in _ABBREVIATIONS or len(word) == 1 or "." in word else f"{word} ."
 
 
 def tokenize(text: str) -> list[str]:
@@ -30,7 +39,10 @@ def tokenize(text: str) -> list[str]:
     nltk's Treebank tokenizer is pure regular expressions, so no nltk data download is needed.
     """
     text = _WHITESPACE.sub(" ", text.lower()).strip()
-    return [tok for tok in _TREEBANK.tokenize(text) if tok not in _PUNCTUATION]
+    text = _WORD_PERIOD.sub(_split_period, text)
+    text = _LEADING_HYPHEN.sub("- ", text)
+    tokens = (_BRACKETS.get(tok, tok) for tok in _TREEBANK.tokenize(text))
+    return [tok for tok in tokens if tok not in _PUNCTUATION]
 
 
 class Vocabulary:

@@ -1,0 +1,343 @@
+"""Caption many image files: expand inputs to paths, decode them in DataLoader workers, write results as they come.
+
+Results are appended and flushed after every batch, so a killed run keeps what it did, and a new run skips every
+image its output already holds (resume). Unreadable files are reported once each (path and reason) and skipped;
+they are never written to the results file, so it always parses and a later run tries them again.
+
+Formats: JSON Lines ({"path", "caption", "score"[, "nbest"]} per line), CSV (the same columns, nbest as JSON) and
+the COCO results format ([{"image_id", "caption"}]). A COCO array cannot be appended to, so its records go to a
+JSON Lines sidecar (<out stem>.progress.jsonl, the record of what is done) and the array is rewritten from it at the
+end of every run that finishes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from captioning.data.datasets import Preprocess
+from captioning.data.sources import BadImageError, open_image
+from captioning.inference import Caption, ImageCaptioner
+from captioning.visualize import attention_figure
+
+FORMATS = ("jsonl", "csv", "coco")
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
+IMAGE_SUFFIXES = frozenset(Image.registered_extensions())  # every extension Pillow can open, e.g. ".jpg"
+LIST_SUFFIXES = (".txt", ".lst")
+COCO_NAME = re.compile(r"COCO_[a-z]+\d{4}_(\d+)")  # COCO 2014 file names: COCO_val2014_000000391895
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+def expand_inputs(inputs: Iterable[str | Path], recursive: bool = True) -> Iterator[str]:
+    """Image paths from files, folders (image files inside, recursively unless `recursive` is off; hidden files and
+    folders left out) and list files (.txt/.lst: one path per line, relative to the list file; blank lines and lines
+    starting with '#' ignored). A file named directly is tried whatever its extension, so a bad one gets reported."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            yield from _walk(path, recursive)
+        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            yield from _read_list(path)
+        elif path.is_file():
+            yield str(path)
+        else:
+            raise FileNotFoundError(f"input not found: {path} (pass image files, folders, or .txt files listing "
+                                    "image paths one per line)")
+
+
+def _walk(folder: Path, recursive: bool) -> Iterator[str]:
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        for name in sorted(files):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                yield os.path.join(root, name)
+
+
+def _read_list(list_file: Path) -> Iterator[str]:
+    with open(list_file, encoding="utf-8") as f:
+        for line in f:
+            entry = line.strip()
+            if entry and not entry.startswith("#"):
+                yield str(list_file.parent / entry)  # an absolute entry stays absolute
+
+
+def coco_image_id(path: str) -> int | str:
+    """COCO results image_id of a file: its stem as an int when numeric (000000391895.jpg -> 391895, and the
+    number of a COCO 2014 name like COCO_val2014_000000391895.jpg), else the stem itself."""
+    stem = Path(path).stem
+    match = COCO_NAME.fullmatch(stem)
+    if match:
+        return int(match.group(1))
+    return int(stem) if stem.isdigit() else stem
+
+
+def describe_failure(path: str | Path, error: Exception) -> str:
+    """Why an image could not be used, without repeating its path."""
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error).removeprefix(f"{Path(path)}: ")
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+class ImageFiles(Dataset):
+    """Item i: (i, preprocessed image (3, H, W)), or (i, reason) when file i cannot be used, so one bad file never
+    stops a DataLoader worker."""
+
+    def __init__(self, paths: list[str], preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.paths, self.preprocess, self.max_pixels = paths, preprocess, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
+        try:
+            return i, self.preprocess(open_image(self.paths[i], self.max_pixels))
+        except (BadImageError, OSError) as e:
+            return i, describe_failure(self.paths[i], e)
+
+
+@dataclass
+class FileBatch:
+    indices: list[int]  # dataset indices of the rows of `images`
+    images: torch.Tensor | None  # (B, 3, H, W); None when every file of the batch failed
+    failures: list[tuple[int, str]]  # (dataset index, reason)
+
+
+def collate_files(items: list[tuple[int, torch.Tensor | str]]) -> FileBatch:
+    good = [(i, x) for i, x in items if isinstance(x, torch.Tensor)]
+    failures = [(i, x) for i, x in items if isinstance(x, str)]
+    images = torch.stack([x for _, x in good]) if good else None
+    return FileBatch([i for i, _ in good], images, failures)
+
+
+# ---------------------------------------------------------------------------------------------------- writers
+
+
+def format_for(out: str | Path) -> str:
+    """The output format an --out file name implies: .csv -> csv, .json -> coco, anything else -> jsonl."""
+    suffix = Path(out).suffix.lower()
+    return {".csv": "csv", ".json": "coco"}.get(suffix, "jsonl")
+
+
+def _complete_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every complete line; an unfinished last line (a run killed mid-write) is cut off the
+    file, so appending starts on a fresh line."""
+    end = 0
+    with open(path, "rb+") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                break
+            end += len(raw)
+            yield lineno, raw.decode("utf-8").rstrip("\r\n")
+        f.truncate(end)
+
+
+def _open_output(path: Path, overwrite: bool) -> TextIO:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "w" if overwrite else "a", encoding="utf-8", newline="")
+
+
+def _resume_error(path: Path, lineno: int, problem: str) -> ValueError:
+    return ValueError(f"{path}:{lineno}: {problem}, so it cannot be resumed; pass --overwrite to start it afresh, "
+                      "or write to another file with --out")
+
+
+class ResultWriter:
+    """Appends caption records to a results file, one flushable record per image, and knows which images the file
+    already holds (`done`: absolute paths)."""
+
+    def __init__(self, path: str | Path, n_best: int = 1, overwrite: bool = False):
+        self.path, self.n_best = Path(path), n_best
+        self.done: set[str] = set()
+        if self.path.exists() and not overwrite:
+            self._read_existing()
+        self.file = _open_output(self.path, overwrite)
+
+    def _read_existing(self) -> None:
+        raise NotImplementedError
+
+    def write(self, path: str, caption: Caption) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self, finished: bool = True) -> None:
+        """Close the file; `finished` says the run completed (it did not stop on an error)."""
+        self.file.close()
+
+    def __enter__(self) -> ResultWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(finished=exc_type is None)
+
+    def _nbest(self, caption: Caption) -> list[dict]:
+        return [{"caption": text, "score": round(score, 4)} for text, score in caption.nbest]
+
+
+class JsonlWriter(ResultWriter):
+    """{"path", "caption", "score"[, "nbest": [{"caption", "score"}, ...]]} per line."""
+
+    def _read_existing(self) -> None:
+        for lineno, line in _complete_lines(self.path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise _resume_error(self.path, lineno, "is not JSON Lines") from None
+            if not isinstance(record, dict) or "path" not in record:
+                raise _resume_error(self.path, lineno, 'holds a record without a "path"')
+            self.done.add(os.path.abspath(record["path"]))
+
+    def write(self, path: str, caption: Caption) -> None:
+        record = {"path": path, "caption": caption.text, "score": round(caption.score, 4)}
+        if self.n_best > 1:
+            record["nbest"] = self._nbest(caption)
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+class CsvWriter(ResultWriter):
+    """Columns path, caption, score[, nbest (a JSON list)] under a header row."""
+
+    def __init__(self, path: str | Path, n_best: int = 1, overwrite: bool = False):
+        self.columns = ["path", "caption", "score"] + (["nbest"] if n_best > 1 else [])
+        super().__init__(path, n_best, overwrite)
+        self.csv = csv.writer(self.file)
+        if self.file.tell() == 0:
+            self.csv.writerow(self.columns)
+
+    def _read_existing(self) -> None:
+        for lineno, line in _complete_lines(self.path):
+            row = next(csv.reader(io.StringIO(line)), [])
+            if lineno == 1 and row != self.columns:
+                raise _resume_error(self.path, 1, f"has the columns {row}, not {self.columns}")
+            if lineno > 1 and row:
+                self.done.add(os.path.abspath(row[0]))
+
+    def write(self, path: str, caption: Caption) -> None:
+        row = [path, caption.text, round(caption.score, 4)]
+        if self.n_best > 1:
+            row.append(json.dumps(self._nbest(caption), ensure_ascii=False))
+        self.csv.writerow(row)
+
+
+class CocoWriter(JsonlWriter):
+    """COCO results [{"image_id", "caption"}]: records go to a JSON Lines sidecar as they come; the array is
+    rewritten from the sidecar (streamed, then atomically replaced) when a run finishes."""
+
+    def __init__(self, path: str | Path, n_best: int = 1, overwrite: bool = False):
+        self.results = Path(path)
+        super().__init__(self.results.with_name(self.results.stem + ".progress.jsonl"), n_best, overwrite)
+
+    def close(self, finished: bool = True) -> None:
+        super().close(finished)
+        if not finished:
+            return
+        tmp = self.results.with_name(self.results.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write("[")
+            first = True
+            for _, line in _complete_lines(self.path):
+                if line.strip():
+                    record = json.loads(line)
+                    entry = {"image_id": coco_image_id(record["path"]), "caption": record["caption"]}
+                    out.write(("\n" if first else ",\n") + json.dumps(entry, ensure_ascii=False))
+                    first = False
+            out.write("\n]\n")
+        os.replace(tmp, self.results)
+
+
+def open_writer(out: str | Path, fmt: str, n_best: int = 1, overwrite: bool = False) -> ResultWriter:
+    """A writer for `fmt` ('jsonl', 'csv' or 'coco'); without `overwrite` it resumes what `out` already holds."""
+    writers = {"jsonl": JsonlWriter, "csv": CsvWriter, "coco": CocoWriter}
+    if fmt not in writers:
+        raise ValueError(f"unknown output format {fmt!r}; choose one of {list(writers)}")
+    return writers[fmt](out, n_best, overwrite)
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Summary:
+    done: int = 0
+    skipped: int = 0  # already in the output
+    failed: int = 0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        rate = self.done / self.seconds if self.seconds > 0 else 0.0
+        return (f"captioned {self.done}, skipped {self.skipped} (already captioned), failed {self.failed}, "
+                f"{self.seconds:.1f} s, {rate:.1f} images/s")
+
+
+def attention_file(folder: Path, path: str) -> Path:
+    """Where the attention figure of image `path` goes: its path's parts joined by '__' (unique per input)."""
+    stem = Path(path).with_suffix("")
+    return folder / ("__".join(p for p in stem.parts if p not in (stem.anchor, "..", ".")) + ".png")
+
+
+def caption_files(captioner: ImageCaptioner, paths: Iterable[str], writer: ResultWriter, beam_size: int = 3,
+                  max_len: int = 20, n_best: int = 1, batch_size: int = 16, num_workers: int = 2,
+                  max_pixels: int = DEFAULT_MAX_PIXELS, attention_dir: str | Path | None = None,
+                  progress: bool = True) -> Summary:
+    """Caption every path not yet in `writer` (duplicates once), writing and flushing after each batch.
+
+    With `attention_dir` (attention models only) each image's per-word heat maps are saved there as one PNG.
+    """
+    start = time.perf_counter()
+    summary = Summary()
+    todo, seen = [], set()
+    for path in paths:
+        key = os.path.abspath(path)
+        if key in writer.done:
+            summary.skipped += 1
+        elif key not in seen:
+            seen.add(key)
+            todo.append(path)
+    if attention_dir is not None:
+        if not captioner.has_attention:
+            raise ValueError("attention heat maps need a model with attention (model.decoder=attention)")
+        attention_dir = Path(attention_dir)
+        attention_dir.mkdir(parents=True, exist_ok=True)
+    loader = DataLoader(ImageFiles(todo, captioner.preprocess, max_pixels), batch_size, collate_fn=collate_files,
+                        num_workers=num_workers, pin_memory=captioner.device.type == "cuda")
+    with tqdm(total=len(todo), unit="img", desc="captioning", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in loader:
+            for i, reason in batch.failures:
+                tqdm.write(f"failed: {todo[i]}: {reason}", file=sys.stderr)
+            if batch.images is not None:
+                captions = captioner.caption_batch(batch.images, beam_size=beam_size, max_len=max_len, n_best=n_best)
+                for i, caption in zip(batch.indices, captions):
+                    writer.write(todo[i], caption)
+                    if attention_dir is not None and caption.attention is not None:
+                        figure = attention_figure(open_image(todo[i], max_pixels), caption.words, caption.attention)
+                        figure.save(attention_file(attention_dir, todo[i]))
+            writer.flush()
+            summary.done += len(batch.indices)
+            summary.failed += len(batch.failures)
+            bar.update(len(batch.indices) + len(batch.failures))
+    summary.seconds = time.perf_counter() - start
+    return summary

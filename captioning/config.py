@@ -1,0 +1,204 @@
+"""Typed run configuration: defaults live here, YAML files and `--set key=value` flags override them.
+
+Unknown keys and wrong types are errors, so a typo in a config never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # synthetic | coco | karpathy | flickr8k
+    root: str = ""  # coco: folder holding annotations/ and train2017/...; flickr8k: folder of the text files
+    image_dir: str = ""  # images folder when it is not in the dataset's default place (karpathy: the image root)
+    karpathy_json: str = ""  # dataset_coco.json / dataset_flickr8k.json / dataset_flickr30k.json
+    year: int = 2017  # coco only: 2014 or 2017
+    use_restval: bool = True  # karpathy coco: train on train + restval, as is standard
+    num_train: int = 4000  # synthetic only: images per split
+    num_val: int = 250
+    num_test: int = 250
+    synthetic_size: int = 128  # synthetic only: rendered image side in pixels
+    image_size: int = 0  # encoder input side; 0 = the crop size of the encoder weights' transforms
+    augment: bool = True  # mild random resized crop while training (no flips: they swap "left" and "right")
+    min_word_count: int = 5  # rarer training words become <unk>
+    max_caption_len: int = 30  # training captions are cut to this many words
+    captions_per_image: int = 1  # reference captions used per image per epoch (image encoded once)
+    num_workers: int = 2
+    feature_cache: str = ""  # folder of precomputed encoder features; "" = run the encoder in the loop
+    feature_dtype: str = "float16"  # float16 | float32: how cached features are stored
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "resnet101"  # any torchvision classification model name
+    encoder_weights: str | None = "DEFAULT"  # torchvision weights name, path to a state_dict file, or null
+    trainable_layers: int = 0  # fine-tune the last N stages of the encoder (0 = frozen)
+    grid_size: int = 0  # average-pool the spatial grid to grid_size x grid_size; 0 = the backbone's own grid
+    decoder: str = "attention"  # attention (Show, Attend and Tell) | show_tell (Show and Tell)
+    cell: str = "lstm"  # lstm | gru | rnn
+    num_layers: int = 1
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    attention_dim: int = 512
+    dropout: float = 0.5
+    word_vectors: str = ""  # word2vec/GloVe text file to initialise the embeddings (embed_dim must match)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 64  # images per step (times data.captions_per_image captions)
+    lr: float = 4e-4
+    encoder_lr: float = 1e-4  # for the fine-tuned encoder stages
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0  # max gradient norm; 0 = off
+    lr_schedule: str = "cosine"  # constant | cosine | step | plateau
+    lr_step_epochs: int = 8  # step schedule: multiply the LR by lr_gamma every lr_step_epochs
+    lr_gamma: float = 0.5
+    warmup_steps: int = 0
+    label_smoothing: float = 0.0
+    attention_penalty: float = 1.0  # doubly stochastic attention regularisation (lambda in Show, Attend and Tell)
+    scheduled_sampling: float = 0.0  # final probability of feeding the model's own word (ramps up linearly)
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a scaler); ignored on CPU
+    compile: bool = False  # torch.compile the decoder
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    seed: int = 0
+    val_beam_size: int = 1  # beam size of the per-epoch validation decoding (1 = greedy)
+    max_decode_len: int = 20
+    select_metric: str = "Bleu_4"  # metric picking the best checkpoint and driving early stopping
+    early_stop_patience: int = 5  # epochs without improvement before stopping; 0 = never stop early
+    save_every_steps: int = 0  # also write `last` every N steps inside an epoch; 0 = at epoch ends only
+    out_dir: str = "runs/default"
+    log_every: int = 50
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        cfg = cls()
+        _merge(cfg, d, "")
+        return validate(cfg)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    """Return `value` as the annotated type or raise ConfigError naming the key."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for t in options:
+        if t is type(None) and value is None:
+            return None
+        if t is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if t in (int, str, bool, float) and type(value) is t:
+            return value
+    names = " | ".join("null" if t is type(None) else t.__name__ for t in options)
+    raise ConfigError(f"config key '{key}' must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            valid = ", ".join(f"{prefix}{f.name}" for f in dataclasses.fields(obj))
+            raise ConfigError(f"unknown config key '{key}'; valid keys here: {valid}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' must be a mapping of its fields, got {value!r}")
+            _merge(current, value, f"{key}.")
+        else:
+            setattr(obj, name, _check_type(value, hints[name], key))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['train.lr=1e-3', 'model.cell=gru'] -> nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.lr=1e-3")
+        value = yaml.safe_load(raw) if raw else ""
+        if isinstance(value, str) and _looks_numeric(value):
+            value = float(value)  # YAML 1.1 reads "1e-3" as a string
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Defaults (or `base`, e.g. a checkpoint's saved config) <- YAML file <- command-line overrides."""
+    cfg = Config()
+    if base is not None:
+        _merge(cfg, base, "")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; the shipped ones are in configs/")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping with data/model/train sections")
+        try:
+            _merge(cfg, data, "")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    _merge(cfg, parse_overrides(overrides or []), "")
+    return validate(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+_CHOICES = {
+    "data.dataset": ("synthetic", "coco", "karpathy", "flickr8k"),
+    "data.feature_dtype": ("float16", "float32"),
+    "model.decoder": ("attention", "show_tell"),
+    "model.cell": ("lstm", "gru", "rnn"),
+    "train.lr_schedule": ("constant", "cosine", "step", "plateau"),
+}
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that have a fixed set of choices; returns cfg for chaining."""
+    d = cfg.to_dict()
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        if d[section][name] not in choices:
+            raise ConfigError(f"config key '{key}' is {d[section][name]!r}; choose one of {', '.join(choices)}")
+    if cfg.data.captions_per_image < 1:
+        raise ConfigError("config key 'data.captions_per_image' must be at least 1")
+    return cfg

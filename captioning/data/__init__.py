@@ -1,0 +1,1 @@
+"""Caption datasets: file formats, image decoding, synthetic shapes, transforms and batching."""

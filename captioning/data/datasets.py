@@ -1,0 +1,170 @@
+"""From a caption source to batches: preprocessing, per-epoch caption choice, collation, resumable sampling."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from captioning.config import DataConfig
+from captioning.data.sources import BadImageError, CaptionSource, coco_source, flickr8k_source, karpathy_source
+from captioning.data.synthetic import SyntheticShapes
+from captioning.vocab import PAD_ID, Vocabulary, tokenize
+
+log = logging.getLogger(__name__)
+
+# A loader maps (index, generator for augmentation) -> model input: an image (3, H, W) or cached features (N, C).
+InputLoader = Callable[[int, torch.Generator | None], torch.Tensor]
+
+
+def build_source(cfg: DataConfig, split: str) -> CaptionSource:
+    """The configured dataset's split ('train', 'val' or 'test')."""
+    if cfg.dataset == "synthetic":
+        n = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}[split]
+        return SyntheticShapes(split, n, seed=0, image_size=cfg.synthetic_size)
+    if not cfg.root and not cfg.karpathy_json:
+        raise ValueError(f"data.dataset={cfg.dataset} needs data.root (and data.karpathy_json for karpathy); "
+                         "see the README's dataset section")
+    if cfg.dataset == "coco":
+        return coco_source(cfg.root, split, cfg.year, cfg.image_dir or None)
+    if cfg.dataset == "karpathy":
+        return karpathy_source(cfg.karpathy_json, cfg.image_dir or cfg.root, split, cfg.use_restval)
+    return flickr8k_source(cfg.root, split, cfg.image_dir or None)
+
+
+class Preprocess:
+    """PIL RGB image -> normalised (3, size, size) tensor, with an optional mild random resized crop (never a flip:
+    it would swap "left" and "right"). The whole image is resized, so no centre crop cuts objects off."""
+
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.size, self.mean, self.std = size, list(mean), list(std)
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        if generator is not None:
+            w, h = image.size
+            scale, aspect = torch.empty(2).uniform_(0.8, 1.0, generator=generator).tolist()
+            cw, ch = round(w * scale), round(h * min(1.0, scale * (0.9 + 0.2 * aspect)))
+            left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+            top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
+            image = image.crop((left, top, left + cw, top + ch))
+        x = TF.to_image(image)
+        x = TF.resize(x, [self.size, self.size], antialias=True)
+        x = TF.to_dtype(x, torch.float32, scale=True)
+        return TF.normalize(x, self.mean, self.std)  # (3, size, size)
+
+    @classmethod
+    def for_encoder(cls, encoder, image_size: int = 0) -> Preprocess:
+        """The preprocessing that belongs with the encoder's weights; image_size 0 keeps their crop size."""
+        return cls(image_size or encoder.image_size, encoder.mean, encoder.std)
+
+
+class ImageLoader:
+    """Sample i of a source -> preprocessed image; augmented when given a generator and `augment` is on."""
+
+    def __init__(self, source: CaptionSource, preprocess: Preprocess, augment: bool = False):
+        self.source, self.preprocess, self.augment = source, preprocess, augment
+
+    def __call__(self, index: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.preprocess(self.source.load_image(index), generator if self.augment else None)
+
+
+def encode_captions(source: CaptionSource, vocab: Vocabulary, max_len: int) -> list[list[list[int]]]:
+    """For every image, each reference caption as <start> ... <end> ids (tokenised once, here)."""
+    return [[vocab.encode(tokenize(c), max_len) for c in s.captions] for s in source.samples]
+
+
+def build_vocab(source: CaptionSource, min_count: int) -> Vocabulary:
+    return Vocabulary.build((tokenize(c) for s in source.samples for c in s.captions), min_count)
+
+
+class TrainDataset(Dataset):
+    """Item i: (input, `per_image` of image i's captions drawn for this epoch, i). Unreadable images yield None."""
+
+    def __init__(self, load: InputLoader, captions: list[list[list[int]]], per_image: int = 1, seed: int = 0):
+        self.load, self.captions, self.per_image, self.seed = load, captions, per_image, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[torch.Tensor], int] | None:
+        # Randomness depends on (seed, epoch, i) only, so a resumed run sees exactly the batches it would have seen.
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
+        refs = self.captions[i]
+        picks = torch.randperm(len(refs), generator=g).tolist()
+        chosen = [refs[picks[j % len(refs)]] for j in range(self.per_image)]
+        try:
+            x = self.load(i, g)
+        except (BadImageError, OSError) as e:
+            log.warning("skipping training image %d: %s", i, e)
+            return None
+        return x, [torch.tensor(c) for c in chosen], i
+
+
+def collate_train(items: list) -> dict[str, torch.Tensor]:
+    """-> inputs (B, ...), captions (B*k, T) padded with <pad>, image_index (B*k,) row of each caption's image."""
+    items = [it for it in items if it is not None]
+    if not items:
+        return {}
+    inputs = torch.stack([x for x, _, _ in items])
+    caps = [c for _, cs, _ in items for c in cs]
+    image_index = torch.tensor([b for b, (_, cs, _) in enumerate(items) for _ in cs])
+    captions = torch.nn.utils.rnn.pad_sequence(caps, batch_first=True, padding_value=PAD_ID)
+    return {"inputs": inputs, "captions": captions, "image_index": image_index}
+
+
+class EvalDataset(Dataset):
+    """Item i: (input, i); unreadable images yield None and are reported."""
+
+    def __init__(self, load: InputLoader, size: int):
+        self.load, self.size = load, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        try:
+            return self.load(i, None), i
+        except (BadImageError, OSError) as e:
+            log.warning("skipping evaluation image %d: %s", i, e)
+            return None
+
+
+def collate_eval(items: list) -> dict[str, torch.Tensor]:
+    items = [it for it in items if it is not None]
+    if not items:
+        return {}
+    return {"inputs": torch.stack([x for x, _ in items]), "index": torch.tensor([i for _, i in items])}
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled (or ordered) indices, a fixed permutation per (seed, epoch), sharded over `world_size` ranks like
+    DistributedSampler, and able to start part-way through an epoch when a run resumes."""
+
+    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.size, self.shuffle, self.seed, self.rank, self.world_size = size, shuffle, seed, rank, world_size
+        self.epoch, self.skip = 0, 0
+        self.per_rank = -(-size // world_size)  # ceil: ranks get equal counts, a few indices repeat
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Use `epoch`'s permutation; leave out this rank's first `skip` indices (already trained on)."""
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        order = order.repeat(-(-self.per_rank * self.world_size // self.size))[: self.per_rank * self.world_size]
+        return iter(order[self.rank::self.world_size][self.skip:].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank - self.skip
+

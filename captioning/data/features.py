@@ -1,0 +1,89 @@
+"""Encoder feature cache: run a frozen encoder over a split once, then train the decoder from disk.
+
+One split is two files: `<split>.npy`, a (num_images, N, C) array memory-mapped on read, and `<split>.json`, the
+encoder, weights and preprocessing that produced it. A cache whose record does not match the run is refused, so a
+decoder never trains on features from another backbone or resolution. Both files are written to temporary names
+and renamed into place, so an interrupted extraction never leaves a cache that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, collate_eval
+from captioning.data.sources import CaptionSource
+from captioning.models.encoder import Encoder
+
+
+def cache_record(encoder_name: str, weights: str | None, grid_size: int, preprocess: Preprocess,
+                 source: CaptionSource, dtype: str) -> dict[str, Any]:
+    """What makes features valid: backbone, weights, grid, preprocessing, and which images in which order."""
+    ids = [str(s.image_id) for s in source.samples]
+    return {"encoder": encoder_name, "weights": weights, "grid_size": grid_size, "image_size": preprocess.size,
+            "mean": list(preprocess.mean), "std": list(preprocess.std), "dtype": dtype,
+            "num_images": len(ids), "first_ids": ids[:3], "last_ids": ids[-3:]}
+
+
+@torch.no_grad()
+def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess: Preprocess, folder: str | Path,
+                     split: str, record: dict[str, Any], device: torch.device, batch_size: int = 64,
+                     num_workers: int = 2) -> Path:
+    """Encode every image of the split into folder/<split>.npy (+ .json). Unreadable images get zero features
+    (and a warning from the loader) so that row i always belongs to image i."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder = encoder.eval()
+    dataset = EvalDataset(ImageLoader(loader_source, preprocess), len(loader_source))
+    loader = DataLoader(dataset, batch_size, collate_fn=collate_eval, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    dtype = np.dtype(record["dtype"])
+    tmp = folder / f".{split}.npy.tmp"
+    array = None
+    for batch in tqdm(loader, desc=f"features {split}", dynamic_ncols=True):
+        if not batch:
+            continue
+        grid, _ = encoder(batch["inputs"].to(device, non_blocking=True))  # (B, N, C)
+        if array is None:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(dataset), *grid.shape[1:]))
+            array[:] = 0
+        array[batch["index"].numpy()] = grid.float().cpu().numpy().astype(dtype)
+    if array is None:
+        raise RuntimeError(f"no image of the {split} split could be read; nothing to cache")
+    array.flush()
+    del array
+    meta_tmp = folder / f".{split}.json.tmp"
+    meta_tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, folder / f"{split}.npy")
+    os.replace(meta_tmp, folder / f"{split}.json")  # the record last: it marks the cache complete
+    return folder / f"{split}.npy"
+
+
+class FeatureLoader:
+    """Sample i -> its cached features (N, C), read from a memory map (pages are loaded on demand)."""
+
+    def __init__(self, folder: str | Path, split: str, record: dict[str, Any]):
+        folder = Path(folder)
+        meta_path, array_path = folder / f"{split}.json", folder / f"{split}.npy"
+        if not meta_path.is_file() or not array_path.is_file():
+            raise FileNotFoundError(f"no feature cache for split '{split}' in {folder}; make it with "
+                                    f"scripts/extract_features.py (train.py does this when data.feature_cache is set)")
+        stored = json.loads(meta_path.read_text())
+        if stored != record:
+            diff = {k: (stored.get(k), v) for k, v in record.items() if stored.get(k) != v}
+            raise ValueError(f"feature cache {array_path} was made with other settings (cached, wanted): {diff}; "
+                             "delete the folder or point data.feature_cache elsewhere to re-extract")
+        self.array = np.load(array_path, mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __call__(self, index: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.array[index]))  # (N, C), copied out of the memory map

@@ -1,0 +1,239 @@
+"""Caption sources: the on-disk formats of COCO, Karpathy's split files and Flickr8k, read into one list of Samples.
+
+A source knows which images belong to a split and their raw reference captions; it knows nothing of tokens or
+tensors. Every file-based image goes through `open_image`, so odd modes, rotations and broken files are handled in
+one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pycocotools.coco import COCO
+
+KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+FLICKR8K_SPLIT_FILES = {
+    "train": "Flickr_8k.trainImages.txt",
+    "val": "Flickr_8k.devImages.txt",
+    "test": "Flickr_8k.testImages.txt",
+}
+
+
+@dataclass
+class Sample:
+    """One image and its reference captions."""
+
+    image_id: int | str  # COCO: image id; Karpathy: cocoid if present else imgid; Flickr8k: file name
+    path: str | None  # image file; None for images rendered in memory (synthetic)
+    captions: list[str]  # raw references, exactly as written in the dataset
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be used: empty, not an image, truncated/corrupt, or too large."""
+
+
+def open_image(path: str | Path, max_pixels: int = 89_478_485) -> Image.Image:
+    """Decode any image Pillow reads into 8-bit RGB, fully loaded and detached from the file.
+
+    EXIF orientation is applied; animations give their first frame; alpha is composited on white; 16-bit
+    greyscale is scaled to 0..255. Raises BadImageError (naming the file and the reason) for empty, non-image,
+    truncated or corrupt files and for images above `max_pixels` (checked from the header, before decoding).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    if path.stat().st_size == 0:
+        raise BadImageError(f"{path}: empty file")
+    with warnings.catch_warnings():
+        # Pillow only warns between its limit and twice its limit; the explicit max_pixels check below replaces it.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise BadImageError(
+                f"{path}: decompression bomb: {e} (Pillow's hard limit is 2 * PIL.Image.MAX_IMAGE_PIXELS; "
+                "raise it together with max_pixels only for trusted files)"
+            ) from e
+        except UnidentifiedImageError as e:
+            raise BadImageError(f"{path}: not an image (Pillow cannot identify the format or read its header)") from e
+        with img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise BadImageError(
+                    f"{path}: decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels} "
+                    "(pass a larger max_pixels to open_image if the file is trusted)"
+                )
+            try:
+                img.load()  # decode now, so truncation surfaces here and not in a DataLoader worker later
+                ImageOps.exif_transpose(img, in_place=True)
+                return _to_rgb(img)  # always a new image, so closing the file below leaves it intact
+            # Pillow's decoders raise many types for malformed data (OSError, SyntaxError, struct.error, ...).
+            except Exception as e:
+                raise BadImageError(f"{path}: truncated or corrupt image data ({type(e).__name__}: {e})") from e
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a loaded image of any Pillow mode to a new 8-bit RGB image."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img, dtype=np.float64)  # (H, W)
+        # Pillow's own I;16 -> L conversion clips at 255 instead of scaling. 16-bit files arrive as 'I;16' or as
+        # 32-bit 'I'; an 'I' image whose values all fit in 0..255 is already 8-bit data.
+        if img.mode != "I" or values.max(initial=0) > 255:
+            values = values / 257  # 65535 -> 255, 257 * k -> k
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))  # mode L
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+class CaptionSource:
+    """A list of Samples plus how to load sample i's image."""
+
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_image(self, i: int) -> Image.Image:
+        """Sample i's image as 8-bit RGB."""
+        path = self.samples[i].path
+        if path is None:
+            raise ValueError(f"sample {i} has no image file; a source of in-memory images must override load_image")
+        return open_image(path)
+
+
+def _require_file(path: Path, what: str, fix: str) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}. {fix}")
+
+
+def _require_dir(path: Path, what: str, fix: str) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} not found: {path} is not a folder. {fix}")
+
+
+def coco_source(root: str | Path, split: str, year: int = 2017, image_dir: str | Path | None = None) -> CaptionSource:
+    """COCO captions: root/annotations/captions_{split}{year}.json, images in root/{split}{year}/ (or image_dir).
+
+    Samples are sorted by image id; images without captions are left out.
+    """
+    if split == "test":
+        raise ValueError(
+            "COCO's test images have no public captions (they are scored on the evaluation server only); "
+            "to evaluate on held-out captioned images use the Karpathy split: data.dataset=karpathy"
+        )
+    if split not in ("train", "val"):
+        raise ValueError(f"COCO split must be 'train' or 'val', got {split!r}")
+    root = Path(root)
+    ann_path = root / "annotations" / f"captions_{split}{year}.json"
+    _require_file(
+        ann_path,
+        "COCO caption annotations",
+        f"Download http://images.cocodataset.org/annotations/annotations_trainval{year}.zip and unzip it into {root}.",
+    )
+    image_dir = Path(image_dir) if image_dir is not None else root / f"{split}{year}"
+    _require_dir(
+        image_dir,
+        "COCO images",
+        f"Download http://images.cocodataset.org/zips/{split}{year}.zip and unzip it into {root}, "
+        f"or pass image_dir=<the folder holding the {split}{year} JPEGs>.",
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        coco = COCO(str(ann_path))
+    samples = [
+        Sample(
+            image_id=img_id,
+            path=str(image_dir / coco.imgs[img_id]["file_name"]),
+            captions=[ann["caption"] for ann in coco.imgToAnns[img_id]],
+        )
+        for img_id in sorted(coco.imgs)
+        if coco.imgToAnns[img_id]
+    ]
+    return CaptionSource(samples)
+
+
+def karpathy_source(
+    json_path: str | Path, image_root: str | Path, split: str, use_restval: bool = True
+) -> CaptionSource:
+    """Karpathy's split file (dataset_coco.json, dataset_flickr8k.json, dataset_flickr30k.json).
+
+    Image paths are image_root/filepath/filename (only the COCO file has `filepath`). With `use_restval`, the
+    train split also takes COCO's 'restval' images (the usual ~113k-image training set).
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"Karpathy split must be 'train', 'val' or 'test', got {split!r}")
+    json_path, image_root = Path(json_path), Path(image_root)
+    _require_file(json_path, "Karpathy split file", f"It comes from {KARPATHY_URL}; pass its path as json_path.")
+    _require_dir(
+        image_root,
+        "image root",
+        "Pass image_root=<the folder holding train2014/ and val2014/ for COCO, or the Flickr image folder>.",
+    )
+    with open(json_path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or "images" not in data:
+        raise ValueError(f"{json_path}: not a Karpathy split file (expected a JSON object with an 'images' list)")
+    wanted = {split, "restval"} if split == "train" and use_restval else {split}
+    samples = [
+        Sample(
+            image_id=img.get("cocoid", img["imgid"]),
+            path=str(image_root / img.get("filepath", "") / img["filename"]),
+            captions=[sentence["raw"] for sentence in img["sentences"]],
+        )
+        for img in data["images"]
+        if img["split"] in wanted
+    ]
+    for folder in sorted({Path(s.path).parent for s in samples}):  # a few folders at most (train2014, val2014)
+        _require_dir(folder, "image folder", f"Check image_root={image_root}: {json_path.name} expects it there.")
+    return CaptionSource(samples)
+
+
+def flickr8k_source(root: str | Path, split: str, image_dir: str | Path | None = None) -> CaptionSource:
+    """Flickr8k in its original distribution: Flickr8k.token.txt plus the Flickr_8k.{train,dev,test}Images.txt lists.
+
+    split is 'train', 'val' (the dev list) or 'test'. Images default to root/Flicker8k_Dataset (sic, the official
+    zip's folder name). Token lines for images outside the split list are ignored.
+    """
+    if split not in FLICKR8K_SPLIT_FILES:
+        raise ValueError(f"Flickr8k split must be one of {sorted(FLICKR8K_SPLIT_FILES)}, got {split!r}")
+    root = Path(root)
+    text_fix = "Pass root=<the folder unzipped from Flickr8k_text.zip> (it holds the token file and the split lists)."
+    token_path = root / "Flickr8k.token.txt"
+    split_path = root / FLICKR8K_SPLIT_FILES[split]
+    _require_file(token_path, "Flickr8k caption file", text_fix)
+    _require_file(split_path, f"Flickr8k {split} split list", text_fix)
+    image_dir = Path(image_dir) if image_dir is not None else root / "Flicker8k_Dataset"
+    _require_dir(image_dir, "Flickr8k images", "Pass image_dir=<the folder unzipped from Flickr8k_Dataset.zip>.")
+
+    names = [line.strip() for line in split_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    captions: dict[str, list[str]] = defaultdict(list)
+    wanted = set(names)
+    with open(token_path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            key, sep, caption = line.partition("\t")
+            if not sep or "#" not in key:
+                raise ValueError(f"{token_path}:{lineno}: expected '<image>#<n><TAB><caption>', got {line!r}")
+            name = key.rsplit("#", 1)[0]
+            if name in wanted:
+                captions[name].append(caption)
+    missing = [name for name in names if name not in captions]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} images of {split_path.name} have no captions in {token_path.name} "
+            f"(first: {missing[:3]}); the two files do not belong together"
+        )
+    return CaptionSource([Sample(image_id=name, path=str(image_dir / name), captions=captions[name]) for name in names])

@@ -1,0 +1,130 @@
+"""Caption search on the decoder's step function: greedy, sampling and beam search, batched across images.
+
+Beam search keeps (B, K) beams as one batch of B*K rows: per-image memory is expanded once, the recurrent state is
+re-indexed with one index_select per step, and no Python loop runs over images or beams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from captioning.models.decoder import CaptionDecoder
+from captioning.vocab import END_ID, PAD_ID, START_ID
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # word ids, without <start> and <end>
+    score: float  # sum of log-probabilities of the words and <end> (divided by length**alpha if normalised)
+    attention: torch.Tensor | None  # (len(tokens), N) weights over the grid for each word; None without attention
+
+
+def _log_probs(logits: torch.Tensor, finished: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """logits (R, V) -> log-probabilities where <pad>/<start> are never produced and a finished row can only add
+    <pad> at zero cost (so its score stays put)."""
+    logp = (logits.float() / temperature).log_softmax(-1)
+    logp[:, PAD_ID] = float("-inf")
+    logp[:, START_ID] = float("-inf")
+    done_row = torch.full_like(logp[0], float("-inf"))
+    done_row[PAD_ID] = 0.0
+    return torch.where(finished.unsqueeze(-1), done_row, logp)
+
+
+@torch.no_grad()
+def sample_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tensor, max_len: int = 20,
+                  temperature: float | None = None) -> list[Hypothesis]:
+    """Greedy decoding (temperature None) or sampling at a temperature; one hypothesis per image."""
+    B = pooled.size(0)
+    state, memory = decoder.init(grid, pooled)
+    words = torch.full((B,), START_ID, dtype=torch.long, device=pooled.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=pooled.device)
+    scores = torch.zeros(B, device=pooled.device)
+    tokens, alphas = [], []
+    for _ in range(max_len):
+        logits, state, alpha = decoder.step(words, state, memory)
+        logp = _log_probs(logits, finished, temperature or 1.0)
+        if temperature is None:
+            words = logp.argmax(-1)
+        else:
+            words = torch.multinomial(logp.exp(), 1).squeeze(1)
+        scores += logp.gather(1, words.unsqueeze(1)).squeeze(1)
+        tokens.append(words)
+        alphas.append(alpha)
+        finished = finished | (words == END_ID)
+        if finished.all():
+            break
+    token_seq = torch.stack(tokens, 1)  # (B, T)
+    alpha_seq = torch.stack(alphas, 1).float().cpu() if alphas[0] is not None else None  # (B, T, N)
+    return _hypotheses(token_seq, scores, alpha_seq)
+
+
+@torch.no_grad()
+def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tensor, beam_size: int = 3,
+                max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1) -> list[list[Hypothesis]]:
+    """Batched beam search -> for each image its `n_best` hypotheses, best first.
+
+    Final scores are divided by length**length_penalty (0 = plain log-probability, 1 = per-word average).
+    """
+    B, K = pooled.size(0), beam_size
+    if not 1 <= n_best <= K:
+        raise ValueError(f"n_best must be between 1 and the beam size ({K}), got {n_best}")
+    device = pooled.device
+    state, memory = decoder.init(grid, pooled)
+    state = tuple(s.repeat_interleave(K, dim=1) for s in state)  # (L, B*K, H)
+    memory = tuple(m.repeat_interleave(K, dim=0) for m in memory)  # (B*K, ...)
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: keep one so the first step picks K different words
+    words = torch.full((B * K,), START_ID, dtype=torch.long, device=device)
+    finished = torch.zeros(B, K, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, K, device=device)
+    tokens = torch.zeros(B, K, 0, dtype=torch.long, device=device)
+    alphas = None  # (B, K, t, N)
+    row_offset = torch.arange(B, device=device).unsqueeze(1) * K  # (B, 1)
+    for _ in range(max_len):
+        logits, state, alpha = decoder.step(words, state, memory)
+        logp = _log_probs(logits, finished.view(-1)).view(B, K, -1)  # (B, K, V)
+        V = logp.size(-1)
+        scores, flat = (scores.unsqueeze(-1) + logp).view(B, K * V).topk(K, dim=-1)  # (B, K)
+        origin, words = flat // V, flat % V  # which beam each survivor extends, with which word
+        state = tuple(s.index_select(1, (origin + row_offset).view(-1)) for s in state)
+        tokens = torch.cat([tokens.gather(1, origin.unsqueeze(-1).expand_as(tokens)), words.unsqueeze(-1)], -1)
+        if alpha is not None:
+            alpha = alpha.view(B, K, 1, -1).gather(1, origin.view(B, K, 1, 1).expand(-1, -1, 1, alpha.size(-1)))
+            alphas = alpha if alphas is None else torch.cat(
+                [alphas.gather(1, origin.view(B, K, 1, 1).expand_as(alphas)), alpha], dim=2)
+        was_finished = finished.gather(1, origin)
+        lengths = lengths.gather(1, origin) + (~was_finished).float()
+        finished = was_finished | (words == END_ID)
+        words = words.view(-1)
+        if finished.all():
+            break
+    if length_penalty:
+        scores = scores / lengths.clamp(min=1) ** length_penalty
+    order = scores.argsort(dim=1, descending=True)[:, :n_best]  # (B, n_best)
+    best_tokens = tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, tokens.size(-1)))
+    best_alphas = None
+    if alphas is not None:
+        best_alphas = alphas.gather(1, order.view(B, n_best, 1, 1).expand(-1, -1, *alphas.shape[2:])).float().cpu()
+    hyps = _hypotheses(best_tokens.flatten(0, 1), scores.gather(1, order).flatten(),
+                       best_alphas.flatten(0, 1) if best_alphas is not None else None)
+    return [hyps[i * n_best:(i + 1) * n_best] for i in range(B)]
+
+
+def _hypotheses(tokens: torch.Tensor, scores: torch.Tensor, alphas: torch.Tensor | None) -> list[Hypothesis]:
+    """(R, T) ids, (R,) scores, (R, T, N) attention -> Hypotheses cut at <end>; one device-to-host copy."""
+    result = []
+    for r, (ids, score) in enumerate(zip(tokens.tolist(), scores.tolist())):
+        n = ids.index(END_ID) if END_ID in ids else len(ids)
+        result.append(Hypothesis(ids[:n], score, alphas[r, :n] if alphas is not None else None))
+    return result
+
+
+def decode(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tensor, beam_size: int = 1,
+           max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1,
+           temperature: float | None = None) -> list[list[Hypothesis]]:
+    """One entry point: sampling when a temperature is given, else beam search (beam_size 1 = greedy)."""
+    if temperature is not None or (beam_size == 1 and n_best == 1):
+        return [[h] for h in sample_search(decoder, grid, pooled, max_len, temperature)]
+    return beam_search(decoder, grid, pooled, beam_size, max_len, length_penalty, n_best)

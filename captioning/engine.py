@@ -1,0 +1,135 @@
+"""One training epoch and one evaluation pass; everything they use arrives as an argument."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from captioning.config import TrainConfig
+from captioning.decoding import decode
+from captioning.distributed import gather_objects, is_main, local_rank
+from captioning.metrics import score_captions
+from captioning.models import Captioner
+from captioning.vocab import PAD_ID
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> the local CUDA device (torchrun's LOCAL_RANK) if there is one, else CPU."""
+    if name == "auto":
+        name = f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA (bf16 where supported, else fp16); does nothing on other devices."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def caption_loss(logits: torch.Tensor, captions: torch.Tensor, alphas: torch.Tensor | None,
+                 label_smoothing: float = 0.0, attention_penalty: float = 0.0) -> torch.Tensor:
+    """Cross-entropy on captions[:, 1:] (padding ignored) + the doubly stochastic attention penalty
+    lambda * mean_i (1 - sum_t alpha_ti)^2 of Show, Attend and Tell (only over real words)."""
+    targets = captions[:, 1:]  # (B, T-1)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD_ID,
+                           label_smoothing=label_smoothing)
+    if alphas is not None and attention_penalty > 0:
+        mask = (targets != PAD_ID).unsqueeze(-1)  # (B, T-1, 1)
+        coverage = (alphas.float() * mask).sum(1)  # (B, N)
+        loss = loss + attention_penalty * ((1.0 - coverage) ** 2).mean()
+    return loss
+
+
+@dataclass
+class StepState:
+    """Progress counters that a checkpoint must carry to resume mid-epoch."""
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    skipped_nonfinite: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, scaler,
+                    device: torch.device, cfg: TrainConfig, progress: StepState, total_steps: int,
+                    on_step: Callable[[], bool] | None = None) -> float:
+    """Train over `loader` (already positioned for a resume) -> mean loss. `on_step` runs after every step and
+    returns True to stop early (a signal arrived); it is where mid-epoch checkpoints are written."""
+    model.train()
+    bar = tqdm(loader, desc=f"epoch {progress.epoch}", disable=not is_main(), leave=False, dynamic_ncols=True)
+    for batch in bar:
+        if not batch:
+            continue  # every image of the batch was unreadable (each already reported)
+        inputs = batch["inputs"].to(device, non_blocking=True)
+        captions = batch["captions"].to(device, non_blocking=True)
+        image_index = batch["image_index"].to(device, non_blocking=True)
+        sample_prob = cfg.scheduled_sampling * min(1.0, progress.global_step / max(1, total_steps))
+        with autocast(device, cfg.amp):
+            logits, alphas = model(inputs, captions, image_index, sample_prob)
+            loss = caption_loss(logits, captions, alphas, cfg.label_smoothing, cfg.attention_penalty)
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            progress.skipped_nonfinite += 1
+            if progress.skipped_nonfinite > 10:
+                raise FloatingPointError(f"loss was {loss_value} on more than 10 steps (last at step "
+                                         f"{progress.global_step}); lower train.lr or turn off train.amp")
+            bar.write(f"step {progress.global_step}: loss is {loss_value}, step skipped")
+        else:
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            progress.losses.append(loss_value)
+        if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step()
+        progress.step_in_epoch += 1
+        progress.global_step += 1
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if on_step is not None and on_step():
+            break
+    return sum(progress.losses) / max(1, len(progress.losses))
+
+
+@torch.no_grad()
+def predict(model: Captioner, loader, device: torch.device, beam_size: int = 1, max_len: int = 20,
+            length_penalty: float = 0.0, amp: bool = True, desc: str = "decode") -> dict[int, str]:
+    """Decode every image of `loader` (items carry dataset indices) -> {index: caption}. Under torchrun each rank
+    decodes its shard and the results are gathered on every rank."""
+    model.eval()
+    predictions: dict[int, str] = {}
+    for batch in tqdm(loader, desc=desc, disable=not is_main(), leave=False, dynamic_ncols=True):
+        if not batch:
+            continue
+        with autocast(device, amp):
+            grid, pooled = model.encode(batch["inputs"].to(device, non_blocking=True))
+            hyps = decode(model.decoder, grid, pooled, beam_size, max_len, length_penalty)
+        for i, h in zip(batch["index"].tolist(), hyps):
+            predictions[i] = " ".join(model.vocab.decode(h[0].tokens))
+    merged: dict[int, str] = {}
+    for part in gather_objects(predictions):
+        merged.update(part)
+    return merged
+
+
+def evaluate(model: Captioner, loader, references: list[list[str]], device: torch.device, beam_size: int = 1,
+             max_len: int = 20, length_penalty: float = 0.0, amp: bool = True, meteor: bool = False
+             ) -> tuple[dict, dict[int, str]]:
+    """Decode and score against the references -> (scores, predictions). Real decoding, not teacher forcing."""
+    predictions = predict(model, loader, device, beam_size, max_len, length_penalty, amp)
+    refs = {i: references[i] for i in predictions}
+    return score_captions(refs, predictions, meteor=meteor), predictions

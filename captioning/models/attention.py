@@ -1,0 +1,29 @@
+"""Soft additive attention over the image grid (Bahdanau et al.; Xu et al., Show, Attend and Tell)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class AdditiveAttention(nn.Module):
+    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int):
+        super().__init__()
+        self.key = nn.Linear(feature_dim, attention_dim)
+        self.query = nn.Linear(hidden_dim, attention_dim)
+        self.score = nn.Linear(attention_dim, 1)
+
+    def project_keys(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, N, A); done once per image, not at every decoding step."""
+        return self.key(features)
+
+    def forward(self, keys: torch.Tensor, features: torch.Tensor, query: torch.Tensor,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys (B, N, A), features (B, N, C), query (B, H), mask (B, N) True where valid
+        -> context (B, C), alpha (B, N) summing to 1 over the valid positions."""
+        e = self.score(torch.tanh(keys + self.query(query).unsqueeze(1))).squeeze(-1)  # (B, N)
+        if mask is not None:
+            e = e.masked_fill(~mask, float("-inf"))
+        alpha = e.float().softmax(dim=-1).to(features.dtype)  # softmax in fp32 under mixed precision
+        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, C)
+        return context, alpha

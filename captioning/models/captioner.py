@@ -1,0 +1,62 @@
+"""The whole captioner: encoder + decoder, built from a config, rebuilt from a checkpoint alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from captioning.checkpoint import CheckpointError, load_checkpoint
+from captioning.config import Config, ConfigError, ModelConfig
+from captioning.models.decoder import build_decoder
+from captioning.models.encoder import Encoder, pool
+from captioning.vocab import Vocabulary
+
+
+class Captioner(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab: Vocabulary, encoder_weights: str | None = None):
+        super().__init__()
+        self.vocab = vocab
+        self.encoder = Encoder(cfg.encoder, encoder_weights, cfg.trainable_layers, cfg.grid_size)
+        self.decoder = build_decoder(cfg, len(vocab), self.encoder.out_channels)
+
+    def encode(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, H, W) through the encoder, or cached encoder features (B, N, C) as they are
+        -> grid (B, N, C), pooled (B, C)."""
+        if inputs.dim() == 3:
+            grid = inputs.float()
+            return grid, pool(grid)
+        return self.encoder(inputs)
+
+    def forward(self, inputs: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor | None = None,
+                sample_prob: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher-forced training pass. inputs: B images or cached features; captions (R, T) with image_index (R,)
+        naming each caption's image (several captions may share one encoded image)
+        -> logits (R, T-1, V), attention (R, T-1, N) or None."""
+        grid, pooled = self.encode(inputs)
+        if image_index is not None:
+            grid, pooled = grid[image_index], pooled[image_index]
+        return self.decoder(grid, pooled, captions, sample_prob)
+
+
+def build_model(cfg: Config, vocab: Vocabulary) -> Captioner:
+    """A new model for training; the encoder weights named in the config are loaded (downloaded if needed)."""
+    return Captioner(cfg.model, vocab, cfg.model.encoder_weights)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Captioner, Config]:
+    """Rebuild a trained model from its checkpoint alone (config, vocabulary and weights), in eval mode."""
+    state = load_checkpoint(path)
+    try:
+        cfg = Config.from_dict(state["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its config does not fit this version of the code: {e}") from None
+    vocab = Vocabulary.from_dict(state["vocab"])
+    model = Captioner(cfg.model, vocab, encoder_weights=None)  # all weights come from the checkpoint
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the model its config describes "
+                              f"(vocabulary of {len(vocab)} words): {e}") from None
+    return model.to(device).eval(), cfg

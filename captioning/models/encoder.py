@@ -1,0 +1,119 @@
+"""CNN encoder: a torchvision classification backbone without its head, returning the spatial feature grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_HEAD_PREFIXES = ("fc.", "classifier.", "head.", "heads.")
+
+
+def resolve_weights(name: str, weights: str | None) -> torchvision.models.WeightsEnum | Path | None:
+    """'DEFAULT' / 'IMAGENET1K_V2' / 'ResNet50_Weights.IMAGENET1K_V2' -> torchvision weights; a file path -> Path."""
+    if weights is None or weights.lower() in ("", "none", "null"):
+        return None
+    if weights.endswith((".pth", ".pt", ".bin")) or "/" in weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"encoder weights file {path} not found (model.encoder_weights)")
+        return path
+    if "." in weights:
+        return torchvision.models.get_weight(weights)
+    enum = torchvision.models.get_model_weights(name)
+    try:
+        return enum[weights]
+    except KeyError:
+        choices = ", ".join(["DEFAULT", *enum.__members__])
+        raise ValueError(f"unknown weights '{weights}' for {name}; use one of {choices}, a file path, or null") from None
+
+
+def _trunk_and_stages(model: nn.Module, name: str) -> tuple[nn.Module, list[nn.Module]]:
+    """The convolutional trunk of a classifier, and its stages from input to output (for partial fine-tuning)."""
+    if hasattr(model, "layer4"):  # resnet, resnext, wide_resnet
+        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        stages = [stem, model.layer1, model.layer2, model.layer3, model.layer4]
+        return nn.Sequential(*stages), stages
+    if hasattr(model, "features"):  # mobilenet, efficientnet, convnext, vgg, densenet, alexnet
+        return model.features, list(model.features.children())
+    if hasattr(model, "trunk_output"):  # regnet
+        stages = [model.stem, *model.trunk_output.children()]
+        return nn.Sequential(*stages), stages
+    raise ValueError(f"encoder '{name}' has no convolutional trunk this encoder understands; use a ResNet, ResNeXt, "
+                     "Wide ResNet, RegNet, MobileNet, EfficientNet, ConvNeXt, VGG or DenseNet")
+
+
+class Encoder(nn.Module):
+    """images (B, 3, H, W) -> grid (B, N, C), N = h*w feature positions, and pooled (B, C).
+
+    Frozen stages are kept in eval mode and excluded from autograd, so their BatchNorm statistics never move;
+    BatchNorm layers of fine-tuned stages keep their ImageNet statistics too (batches are too small to re-estimate).
+    """
+
+    def __init__(self, name: str = "resnet101", weights: str | None = None, trainable_layers: int = 0,
+                 grid_size: int = 0):
+        super().__init__()
+        resolved = resolve_weights(name, weights)
+        model = torchvision.models.get_model(name, weights=None if isinstance(resolved, Path) else resolved)
+        if isinstance(resolved, Path):
+            _load_trunk_state(model, resolved)
+        self.trunk, stages = _trunk_and_stages(model, name)
+        if not 0 <= trainable_layers <= len(stages):
+            raise ValueError(f"model.trainable_layers={trainable_layers}, but {name} has {len(stages)} stages")
+        self.trainable = nn.ModuleList(stages[len(stages) - trainable_layers:] if trainable_layers else [])
+        self.requires_grad_(False)
+        self.trainable.requires_grad_(True)
+        self.grid_size = grid_size
+
+        # Preprocessing that belongs with the weights (torchvision's ImageClassification preset).
+        preset = resolved.transforms() if isinstance(resolved, torchvision.models.WeightsEnum) else None
+        self.mean = tuple(preset.mean) if preset else IMAGENET_MEAN
+        self.std = tuple(preset.std) if preset else IMAGENET_STD
+        self.image_size = preset.crop_size[0] if preset else 224
+        with torch.no_grad():
+            self.out_channels = self.trunk.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
+        self.train()
+
+    def train(self, mode: bool = True) -> Encoder:
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        if mode:
+            frozen = set(self.trunk.modules()) - set(self.trainable.modules())
+            for m in frozen:
+                m.training = False
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return len(self.trainable) == 0
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            x = self.trunk(images)  # (B, C, h, w)
+        if self.grid_size:
+            x = F.adaptive_avg_pool2d(x, self.grid_size)  # (B, C, g, g)
+        grid = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        return grid, pool(grid)
+
+
+def pool(grid: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) -> (B, C): the global average pool a classifier head would see."""
+    return grid.mean(dim=1)
+
+
+def _load_trunk_state(model: nn.Module, path: Path) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state_dict (a dict of tensors)")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]  # the classifier head is not needed
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match torchvision's {type(model).__name__}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")

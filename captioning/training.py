@@ -1,0 +1,252 @@
+"""A training run: data, model, optimiser, per-epoch validation decoding, checkpoints, resume, torchrun."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from captioning.checkpoint import load_checkpoint, save_checkpoint
+from captioning.config import Config, save_config
+from captioning.data.datasets import (
+    EpochSampler,
+    EvalDataset,
+    ImageLoader,
+    InputLoader,
+    Preprocess,
+    TrainDataset,
+    build_source,
+    build_vocab,
+    collate_eval,
+    collate_train,
+    encode_captions,
+)
+from captioning.data.features import FeatureLoader, cache_record, extract_features
+from captioning.data.sources import CaptionSource
+from captioning.distributed import barrier, broadcast_object, cleanup, init_distributed, is_main
+from captioning.engine import StepState, evaluate, resolve_device, train_one_epoch
+from captioning.models import Captioner
+from captioning.models.decoder import load_word_vectors
+from captioning.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+
+def build_optimizer(model: Captioner, cfg: Config) -> torch.optim.Optimizer:
+    groups = [{"params": [p for p in model.decoder.parameters() if p.requires_grad], "lr": cfg.train.lr}]
+    encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
+    if encoder_params:
+        groups.append({"params": encoder_params, "lr": cfg.train.encoder_lr})
+    return torch.optim.Adam(groups, weight_decay=cfg.train.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
+    """Stepped once per training step (plateau: once per epoch on the validation metric)."""
+    t = cfg.train
+    if t.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=t.lr_gamma, patience=1)
+    total = max(1, t.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
+        if t.lr_schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        if t.lr_schedule == "step":
+            return warm * t.lr_gamma ** (step // (t.lr_step_epochs * steps_per_epoch))
+        return warm
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _StopFlag:
+    """SIGTERM / Ctrl-C ask the loop to write a checkpoint and stop, instead of dying mid-step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _input_loaders(cfg: Config, model: Captioner, preprocess: Preprocess, train_src: CaptionSource,
+                   val_src: CaptionSource, device: torch.device) -> tuple[InputLoader, InputLoader]:
+    """Images through the encoder in the loop, or features from the cache (extracted first if missing)."""
+    if not cfg.data.feature_cache:
+        return ImageLoader(train_src, preprocess, cfg.data.augment), ImageLoader(val_src, preprocess)
+    if not model.encoder.frozen:
+        raise ValueError("data.feature_cache needs a frozen encoder (model.trainable_layers=0)")
+    loaders = []
+    for split, source in (("train", train_src), ("val", val_src)):
+        record = cache_record(cfg.model.encoder, cfg.model.encoder_weights, cfg.model.grid_size, preprocess,
+                              source, cfg.data.feature_dtype)
+        folder = Path(cfg.data.feature_cache)
+        if is_main() and not (folder / f"{split}.json").exists():
+            extract_features(model.encoder, source, preprocess, folder, split, record, device,
+                             cfg.train.batch_size, cfg.data.num_workers)
+        barrier()
+        loaders.append(FeatureLoader(folder, split, record))
+    if cfg.data.augment:
+        log.info("feature cache: training images are not augmented (features are computed once)")
+    return loaders[0], loaders[1]
+
+
+def train(cfg: Config, resume: str | Path | None = None) -> Path:
+    """Train as `cfg` says; with `resume` (a checkpoint path) continue that run exactly. Returns the run folder."""
+    device = resolve_device(cfg.train.device)
+    rank, world = init_distributed(device)
+    out_dir = Path(cfg.train.out_dir)
+    state = load_checkpoint(resume) if resume else None
+    if state is None and (out_dir / "last.pt").exists():
+        raise FileExistsError(f"{out_dir} already holds a run (last.pt); continue it with --resume, "
+                              "or choose another folder with --set train.out_dir=...")
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+
+    train_src, val_src = build_source(cfg.data, "train"), build_source(cfg.data, "val")
+    if state is not None:
+        vocab = Vocabulary.from_dict(state["vocab"])
+    else:  # rank 0 builds it; every rank uses the same one
+        vocab = broadcast_object(build_vocab(train_src, cfg.data.min_word_count) if is_main() else None)
+    model = Captioner(cfg.model, vocab, None if state else cfg.model.encoder_weights)
+    if state is None and cfg.model.word_vectors:
+        found = load_word_vectors(model.decoder.embed, cfg.model.word_vectors, vocab)
+        log.info("word vectors: %d of %d vocabulary words found in %s", found, len(vocab), cfg.model.word_vectors)
+    model.to(device)
+
+    preprocess = Preprocess.for_encoder(model.encoder, cfg.data.image_size)
+    train_load, val_load = _input_loaders(cfg, model, preprocess, train_src, val_src, device)
+    train_ds = TrainDataset(train_load,
+                            encode_captions(train_src, vocab, cfg.data.max_caption_len),
+                            cfg.data.captions_per_image, cfg.train.seed)
+    val_ds = EvalDataset(val_load, len(val_src))
+    val_refs = [s.captions for s in val_src.samples]
+    train_sampler = EpochSampler(len(train_ds), shuffle=True, seed=cfg.train.seed, rank=rank, world_size=world)
+    loader_args = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    val_loader = DataLoader(val_ds, cfg.train.batch_size, sampler=EpochSampler(len(val_ds), False, 0, rank, world),
+                            collate_fn=collate_eval, **loader_args)
+    steps_per_epoch = math.ceil(len(train_sampler) / cfg.train.batch_size)
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    use_fp16_scaler = device.type == "cuda" and cfg.train.amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16_scaler)
+    progress = StepState()
+    best = {"score": float("-inf"), "epoch": -1, "bad_epochs": 0}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        progress = StepState(**state["progress"])
+        best = state["best"]
+        _set_rng_state(state["rng"])
+    net = model
+    if world > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        model.decoder.compile()
+
+    if is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        vocab.save(out_dir / "vocab.json")
+        log.info("%d training images, %d validation images, vocabulary of %d words, %s on %s (x%d)",
+                 len(train_src), len(val_src), len(vocab), type(model.decoder).__name__, device, world)
+
+    def checkpoint(path: Path) -> None:
+        if is_main():
+            save_checkpoint({"config": cfg.to_dict(), "vocab": vocab.to_dict(), "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "scaler": scaler.state_dict(), "progress": vars(progress), "best": best,
+                             "rng": _rng_state()}, path)
+
+    with _StopFlag() as stop:
+        def on_step() -> bool:
+            every = cfg.train.save_every_steps
+            if stop.signal is not None or (every and progress.global_step % every == 0):
+                checkpoint(out_dir / "last.pt")
+            return stop.signal is not None
+
+        while progress.epoch < cfg.train.epochs:
+            started = time.time()
+            train_ds.set_epoch(progress.epoch)
+            train_sampler.set_epoch(progress.epoch, skip=progress.step_in_epoch * cfg.train.batch_size)
+            loader = DataLoader(train_ds, cfg.train.batch_size, sampler=train_sampler, collate_fn=collate_train,
+                                generator=torch.Generator().manual_seed(cfg.train.seed + progress.epoch),
+                                **loader_args)
+            train_loss = train_one_epoch(net, loader, optimizer, scheduler, scaler, device, cfg.train, progress,
+                                         cfg.train.epochs * steps_per_epoch, on_step)
+            if stop.signal is not None:
+                log.warning("stopped by signal %d at epoch %d step %d; checkpoint %s (continue with --resume)",
+                            stop.signal, progress.epoch, progress.step_in_epoch, out_dir / "last.pt")
+                raise SystemExit(128 + stop.signal)
+            scores, _ = evaluate(model, val_loader, val_refs, device, cfg.train.val_beam_size,
+                                 cfg.train.max_decode_len, amp=cfg.train.amp)
+            score = scores[cfg.train.select_metric]
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(score)
+            improved = score > best["score"]
+            if improved:
+                best.update(score=score, epoch=progress.epoch, bad_epochs=0)
+            else:
+                best["bad_epochs"] += 1
+            record = {"epoch": progress.epoch, "step": progress.global_step, "train_loss": train_loss,
+                      "lr": optimizer.param_groups[0]["lr"], "val": scores, "seconds": round(time.time() - started, 1)}
+            progress.epoch += 1
+            progress.step_in_epoch = 0
+            progress.losses = []
+            checkpoint(out_dir / "last.pt")
+            if improved:
+                checkpoint(out_dir / "best.pt")
+            if is_main():
+                with open(out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(f"epoch {record['epoch'] + 1}/{cfg.train.epochs}  loss {train_loss:.3f}  "
+                      f"val BLEU-4 {scores['Bleu_4']:.3f} CIDEr {scores['CIDEr']:.3f}  "
+                      f"best {cfg.train.select_metric} {best['score']:.3f} (epoch {best['epoch'] + 1})  "
+                      f"lr {record['lr']:.1e}  {record['seconds']:.0f}s", flush=True)
+            patience = cfg.train.early_stop_patience
+            if patience and best["bad_epochs"] >= patience:
+                if is_main():
+                    print(f"early stop: no {cfg.train.select_metric} gain in {patience} epochs", flush=True)
+                break
+    if is_main():
+        print(f"done: best {cfg.train.select_metric} {best['score']:.4f} at epoch {best['epoch'] + 1}; "
+              f"checkpoint {out_dir / 'best.pt'}", flush=True)
+    cleanup()
+    return out_dir

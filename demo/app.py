@@ -1,0 +1,158 @@
+"""Caption a photo in the browser: the best caption, the n-best list with scores, and per-word attention maps.
+
+    python demo/app.py                               # the newest quick-start model (runs/quickstart/*/best.pt)
+    python demo/app.py --checkpoint path/to/best.pt --port 7860
+    python demo/app.py --share                       # also a temporary public gradio.live link
+
+Serves on 127.0.0.1 only, unless --host says otherwise; --share is the only way to a public link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from captioning.batch import describe_failure
+from captioning.checkpoint import CheckpointError
+from captioning.data.sources import BadImageError, open_image
+from captioning.inference import ImageCaptioner
+from captioning.visualize import word_overlays
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((Path(__file__).resolve().parent / "examples").glob("*.png"))
+NO_MODEL = ("No captioning model is loaded. Train the quick-start model with `bash scripts/quickstart.sh` "
+            "(a few minutes on a CPU), or start the demo with `python demo/app.py --checkpoint PATH`.")
+MAX_FILE_SIZE = "10mb"
+THEME = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
+CSS = """
+#caption { min-height: 5.5rem; }
+#caption .caption-text { font-size: 1.9rem; font-weight: 650; line-height: 1.25; margin: 0.2rem 0; }
+#caption .caption-score { color: var(--body-text-color-subdued); font-size: 0.95rem; }
+#caption .caption-empty { color: var(--body-text-color-subdued); font-size: 1.1rem; }
+#attention .fixed-height { min-height: 0; max-height: none; }  /* as tall as its rows of heat maps */
+"""
+EMPTY_CAPTION = '<div class="caption-empty">Upload a photo or pick an example: its caption appears here.</div>'
+
+
+def newest_checkpoint(runs: Path = REPO / "runs" / "quickstart") -> Path | None:
+    """The most recently written runs/quickstart/<timestamp>/best.pt, if any."""
+    candidates = list(runs.glob("*/best.pt"))
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def caption_html(text: str, score: float) -> str:
+    return (f'<div class="caption-text">{html.escape(text or "(no words)")}</div>'
+            f'<div class="caption-score">log-probability {score:.2f}</div>')
+
+
+def describe_photo(captioner: ImageCaptioner | None, path: str | None, beam_size: int, max_len: int
+                   ) -> tuple[Image.Image | None, str, list[list], list[tuple[Image.Image, str]]]:
+    """An image file -> (the photo as the model saw it, caption HTML, n-best rows, per-word heat maps).
+
+    Anything wrong with the file becomes a gr.Error whose message the page shows (never a traceback).
+    """
+    if captioner is None:
+        raise gr.Error(NO_MODEL, title="No model")
+    if not path:
+        return None, EMPTY_CAPTION, [], []
+    name = Path(path).name
+    try:
+        photo = open_image(path)
+    except (BadImageError, OSError) as e:
+        raise gr.Error(f"{name} could not be read: {describe_failure(path, e)}. Please upload a JPEG, PNG, WebP "
+                       "or other common image file.", title="Not a usable image", print_exception=False) from None
+    beam_size, max_len = int(beam_size), int(max_len)
+    (caption,) = captioner.caption([photo], beam_size=beam_size, max_len=max_len, n_best=beam_size)
+    rows = [[rank, text, round(score, 3)] for rank, (text, score) in enumerate(caption.nbest, 1)]
+    maps = word_overlays(photo, caption.words, caption.attention) if caption.attention is not None else []
+    return photo, caption_html(caption.text, caption.score), rows, maps
+
+
+def build_app(model: ImageCaptioner | str | Path | None) -> gr.Blocks:
+    """The demo page for a captioner (or the checkpoint to load one from); None shows how to get a model."""
+    captioner = ImageCaptioner.from_checkpoint(model) if isinstance(model, (str, Path)) else model
+    with gr.Blocks(title="Image captioning demo", analytics_enabled=False) as app:
+        gr.Markdown("# Image captioning\nA CNN encoder looks at the photo and an LSTM decoder writes a caption word "
+                    "by word, with beam search. Upload a photo or click an example. The quick-start model has only "
+                    "seen coloured circles, squares and triangles, so it describes everything in those words.")
+        if captioner is None:
+            gr.Markdown(f"> **{NO_MODEL}**", elem_id="no-model")
+        else:
+            source = model if isinstance(model, (str, Path)) else "a model given in code"
+            kind = "attention" if captioner.has_attention else "no attention"
+            gr.Markdown(f"Model: `{source}` ({kind}, {len(captioner.model.vocab)}-word vocabulary)")
+        current = gr.State(None)  # path of the image on show
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=300):
+                upload = gr.File(label="Upload a photo (up to 10 MB)", file_types=["image"], height=120,
+                                 elem_id="upload")
+                examples = gr.Gallery([str(p) for p in EXAMPLES], label="Or click an example", columns=4, rows=1,
+                                      height=140, allow_preview=False, object_fit="contain", buttons=[],
+                                      elem_id="examples")
+                with gr.Accordion("Decoding settings", open=True):
+                    beam = gr.Slider(1, 10, value=3, step=1, label="Beam size",
+                                     info="1 = greedy; a larger beam searches more captions and lists them all")
+                    max_len = gr.Slider(3, 40, value=20, step=1, label="Max length (words)")
+            with gr.Column(scale=3, min_width=360):
+                caption = gr.HTML(EMPTY_CAPTION, label="Caption", elem_id="caption", container=True)
+                with gr.Row(equal_height=False):
+                    photo = gr.Image(label="Photo", type="pil", interactive=False, height=220,
+                                     scale=1, min_width=160, buttons=[])
+                    nbest = gr.Dataframe(headers=["#", "caption", "log-prob"],
+                                         datatype=["number", "str", "number"], label="n-best captions (one per beam)",
+                                         interactive=False, wrap=True, column_widths=["9%", "71%", "20%"], scale=2,
+                                         elem_id="nbest")
+                gallery = gr.Gallery(label="Where the model looked for each word", columns=6, height="auto",
+                                     object_fit="contain", fit_columns=False,
+                                     visible=captioner is not None and captioner.has_attention,
+                                     elem_id="attention")
+
+        outputs = [photo, caption, nbest, gallery]
+
+        def run(path: str | None, beam_size: float, length: float):
+            return describe_photo(captioner, path, int(beam_size), int(length))
+
+        def pick_example(evt: gr.SelectData) -> tuple[str, None]:
+            return str(EXAMPLES[evt.index]), None
+
+        upload.upload(lambda f: f, upload, current).then(run, [current, beam, max_len], outputs)
+        upload.clear(lambda: (None, None, EMPTY_CAPTION, [], []), None, [current, *outputs])
+        examples.select(pick_example, None, [current, upload]).then(run, [current, beam, max_len], outputs)
+        for slider in (beam, max_len):
+            slider.release(run, [current, beam, max_len], outputs)
+    return app.queue(default_concurrency_limit=2, max_size=64)
+
+
+def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+          prevent_thread_lock: bool = False) -> None:
+    """Launch with the demo's limits: uploads up to MAX_FILE_SIZE, its theme and style."""
+    app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE, theme=THEME, css=CSS,
+               prevent_thread_lock=prevent_thread_lock)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="default: the newest runs/quickstart/*/best.pt")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves every network interface")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="create a temporary public link through gradio.live")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    checkpoint = args.checkpoint or newest_checkpoint()
+    if checkpoint is None:
+        print(f"warning: {NO_MODEL}")
+    try:
+        app = build_app(checkpoint)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    serve(app, args.host, args.port, args.share)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

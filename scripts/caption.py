@@ -1,0 +1,66 @@
+"""Caption image files, folders and lists of paths with a trained checkpoint.
+
+    python scripts/caption.py --checkpoint runs/quickstart/<run>/best.pt photos/ --out captions.jsonl
+    python scripts/caption.py --checkpoint best.pt photos/ more.txt --format csv --n-best 3
+    python scripts/caption.py --checkpoint best.pt val2014/ --out captions_val2014.json   # COCO results format
+
+Folders are searched recursively (--flat: top level only); a .txt file lists image paths, one per line, relative to
+the list file. Results are flushed after every batch, and a second run skips the images the output already holds
+(--overwrite starts afresh). Unreadable files are reported and skipped; the exit code is non-zero only with
+--strict. COCO output keeps its progress in <out stem>.progress.jsonl and writes the JSON array when a run ends.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from captioning.batch import DEFAULT_MAX_PIXELS, FORMATS, caption_files, expand_inputs, format_for, open_writer
+from captioning.checkpoint import CheckpointError
+from captioning.inference import ImageCaptioner
+
+DEFAULT_OUT = {"jsonl": "captions.jsonl", "csv": "captions.csv", "coco": "captions.json"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by scripts/train.py")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, or .txt lists of image paths")
+    p.add_argument("--out", help="results file (default: captions.jsonl, .csv or .json after --format)")
+    p.add_argument("--format", choices=FORMATS, help="default: from --out's extension (.csv, .json = coco), else jsonl")
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--max-len", type=int, default=20, help="most words per caption")
+    p.add_argument("--n-best", type=int, default=1, help="also write the N best captions with scores (N <= beam)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader processes decoding images")
+    p.add_argument("--flat", action="store_true", help="take only the images directly inside each folder")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 if any image failed")
+    p.add_argument("--overwrite", action="store_true", help="start the output afresh instead of resuming it")
+    p.add_argument("--attention-dir", help="save each image's per-word attention heat maps here (attention models)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse larger images (decompression bombs); raise it only for trusted files")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    if not 1 <= args.n_best <= args.beam_size:
+        sys.exit(f"error: --n-best must be between 1 and --beam-size ({args.beam_size}), got {args.n_best}")
+    fmt = args.format or (format_for(args.out) if args.out else "jsonl")
+    out = Path(args.out or DEFAULT_OUT[fmt])
+    try:
+        paths = list(expand_inputs(args.inputs, recursive=not args.flat))
+        captioner = ImageCaptioner.from_checkpoint(args.checkpoint, args.device)
+        if args.attention_dir and not captioner.has_attention:
+            raise ValueError(f"--attention-dir needs a model with attention; {args.checkpoint} has none")
+        writer = open_writer(out, fmt, args.n_best, args.overwrite)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    with writer:
+        summary = caption_files(captioner, paths, writer, args.beam_size, args.max_len, args.n_best,
+                                args.batch_size, args.num_workers, args.max_pixels, args.attention_dir)
+    print(f"{summary} -> {out}")
+    return 1 if args.strict and summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,95 @@
+"""Load the real caption data under --data-root through the project's own loaders and report what is there.
+
+    python scripts/check_data.py --data-root ../shared/data
+    python scripts/check_data.py --data-root ../shared/data --max-images 200   # open only the first 200 per split
+
+Expects COCO 2017 in <data-root>/coco_mini (annotations/captions_{train,val}2017.json, {train,val}2017/) and
+Flickr8k in <data-root>/flickr8k (Flickr8k.token.txt, Flickr_8k.{train,dev}Images.txt, images/). Prints per split the
+image and caption counts, captions per image, mean caption length in tokens and every image that fails to open;
+exits with status 1 if any split fails to load or any image fails to open.
+"""
+
+import argparse
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from captioning.data.sources import BadImageError, CaptionSource, coco_source, flickr8k_source
+from captioning.vocab import tokenize
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", required=True, type=Path, help="folder holding coco_mini/ and flickr8k/")
+    p.add_argument("--coco-dir", default="coco_mini", help="COCO root, relative to --data-root")
+    p.add_argument("--flickr8k-dir", default="flickr8k", help="Flickr8k root, relative to --data-root")
+    p.add_argument("--flickr8k-images", default="images", help="Flickr8k image folder, relative to --flickr8k-dir")
+    p.add_argument("--max-images", type=int, default=None, help="open at most this many images per split")
+    p.add_argument("--show-failures", type=int, default=10, help="list at most this many failed images per split")
+    return p
+
+
+def spread(values: list[int]) -> str:
+    return f"mean {statistics.mean(values):.2f} (min {min(values)}, max {max(values)})"
+
+
+def check_source(name: str, build: Callable[[], CaptionSource], max_images: int | None, show: int) -> dict:
+    """Load one split, print its statistics and open its images; returns counts for the summary."""
+    try:
+        source = build()
+    except (FileNotFoundError, ValueError) as e:
+        print(f"{name}: FAILED to load: {e}")
+        return {"loaded": False, "images": 0, "captions": 0, "opened": 0, "bad": 0}
+    per_image = [len(s.captions) for s in source.samples]
+    lengths = [len(tokenize(c)) for s in source.samples for c in s.captions]
+    print(f"{name}: {len(source)} images, {sum(per_image)} captions")
+    if source.samples:
+        print(f"  captions per image: {spread(per_image)}")
+        print(f"  caption length in tokens: {spread(lengths)}")
+        print(f"  first: {source.samples[0].image_id} {source.samples[0].captions[0]!r}")
+
+    count = len(source) if max_images is None else min(max_images, len(source))
+    failures, widths, heights = [], [], []
+    for i in tqdm(range(count), desc=f"opening {name}", leave=False):
+        try:
+            img = source.load_image(i)
+        except (BadImageError, FileNotFoundError) as e:
+            failures.append(str(e))
+            continue
+        widths.append(img.width)
+        heights.append(img.height)
+    if widths:
+        print(f"  images opened: {len(widths)}/{count}, width {min(widths)}..{max(widths)}, "
+              f"height {min(heights)}..{max(heights)}")
+    print(f"  images that failed to open: {len(failures)}")
+    for message in failures[:show]:
+        print(f"    {message}")
+    return {"loaded": True, "images": len(source), "captions": sum(per_image), "opened": count, "bad": len(failures)}
+
+
+def main(args: argparse.Namespace) -> int:
+    coco_root = args.data_root / args.coco_dir
+    flickr_root = args.data_root / args.flickr8k_dir
+    flickr_images = flickr_root / args.flickr8k_images
+    checks = {
+        "coco2017/val": lambda: coco_source(coco_root, "val", 2017),
+        "coco2017/train": lambda: coco_source(coco_root, "train", 2017),
+        "flickr8k/train": lambda: flickr8k_source(flickr_root, "train", image_dir=flickr_images),
+        "flickr8k/val": lambda: flickr8k_source(flickr_root, "val", image_dir=flickr_images),
+    }
+    results = [check_source(name, build, args.max_images, args.show_failures) for name, build in checks.items()]
+    not_loaded = sum(not r["loaded"] for r in results)
+    bad = sum(r["bad"] for r in results)
+    print(
+        f"check_data: {len(results) - not_loaded}/{len(results)} splits loaded, "
+        f"{sum(r['images'] for r in results)} images, {sum(r['captions'] for r in results)} captions, "
+        f"{sum(r['opened'] for r in results) - bad}/{sum(r['opened'] for r in results)} images opened, "
+        f"{bad} bad -> {'OK' if not (not_loaded or bad) else 'PROBLEMS'}"
+    )
+    return 1 if not_loaded or bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))

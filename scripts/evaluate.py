@@ -1,0 +1,72 @@
+"""Score a trained captioner on a dataset split with the COCO caption metrics.
+
+    python scripts/evaluate.py --checkpoint runs/quickstart/best.pt --split test --beam-size 3
+    python scripts/evaluate.py --checkpoint best.pt --split val --set data.root=/data/coco   # data moved
+
+Writes <out>/captions_<split>.json (COCO results format: image_id, caption) and <out>/scores_<split>.json.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from captioning.checkpoint import CheckpointError
+from captioning.config import ConfigError, load_config
+from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, build_source, collate_eval
+from captioning.engine import evaluate, resolve_device
+from captioning.models import load_model
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by scripts/train.py")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--max-len", type=int, default=20)
+    p.add_argument("--length-penalty", type=float, default=0.0, help="divide beam scores by length**this")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (the slowest metric; needs Java)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override the checkpoint's data settings, e.g. data.root=/elsewhere/coco")
+    p.add_argument("--out", help="folder for the captions and scores (default: the checkpoint's folder)")
+    return p
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    try:
+        model, cfg = load_model(args.checkpoint, device)
+        cfg = load_config(None, args.set, base=cfg.to_dict())
+        source = build_source(cfg.data, args.split)
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    preprocess = Preprocess.for_encoder(model.encoder, cfg.data.image_size)
+    dataset = EvalDataset(ImageLoader(source, preprocess), len(source))
+    loader = DataLoader(dataset, args.batch_size, collate_fn=collate_eval, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda")
+    scores, predictions = evaluate(model, loader, [s.captions for s in source.samples], device, args.beam_size,
+                                   args.max_len, args.length_penalty, meteor=not args.no_meteor)
+    out = Path(args.out or Path(args.checkpoint).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [{"image_id": source.samples[i].image_id, "caption": c} for i, c in sorted(predictions.items())]
+    (out / f"captions_{args.split}.json").write_text(json.dumps(results, indent=1))
+    report = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(results),
+              "beam_size": args.beam_size, "length_penalty": args.length_penalty, **scores}
+    (out / f"scores_{args.split}.json").write_text(json.dumps(report, indent=2))
+    names = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
+    print("  ".join(f"{n} {scores[n]:.4f}" for n in names if n in scores))
+    for note in scores.get("notes", []):
+        print(f"note: {note}")
+    print(f"{len(results)} {args.split} images, beam {args.beam_size}: captions and scores in {out}")
+    return report
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main(get_args_parser().parse_args())

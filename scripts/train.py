@@ -1,0 +1,40 @@
+"""Train a captioner.
+
+    python scripts/train.py --config configs/quickstart.yaml
+    python scripts/train.py --config configs/coco_attention.yaml --set train.batch_size=128 data.root=data/coco
+    python scripts/train.py --resume runs/coco_attention/last.pt
+    torchrun --nproc_per_node=4 scripts/train.py --config configs/coco_attention.yaml
+"""
+
+import argparse
+import logging
+import sys
+
+from captioning.checkpoint import CheckpointError, load_checkpoint
+from captioning.config import ConfigError, load_config
+from captioning.training import train
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file overriding the defaults in captioning/config.py")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. train.lr=1e-3 model.cell=gru (wins over the YAML file)")
+    p.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue the run saved in CHECKPOINT (usually RUN/last.pt) with its own config; "
+                        "--set still applies, e.g. train.epochs=30")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        base = load_checkpoint(args.resume)["config"] if args.resume else None
+        cfg = load_config(None if args.resume else args.config, args.set, base)
+    except (ConfigError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    train(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

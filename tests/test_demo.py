@@ -1,0 +1,95 @@
+"""The Gradio demo: its handler on good and bad files, and the real page driven in headless Chromium."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from playwright.sync_api import sync_playwright
+
+from captioning.data.sources import open_image
+from captioning.data.synthetic import SyntheticShapes
+from captioning.inference import ImageCaptioner
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("screenshot_demo", REPO / "scripts" / "screenshot_demo.py")
+browser_tools = importlib.util.module_from_spec(_spec)  # the screenshot script's Chromium settings and helpers
+_spec.loader.exec_module(browser_tools)
+demo = browser_tools.load_demo()
+
+
+@pytest.fixture(scope="module")
+def captioner(trained_checkpoint) -> ImageCaptioner:
+    return ImageCaptioner.from_checkpoint(trained_checkpoint, "cpu")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("uploads")
+    (photo,) = SyntheticShapes("val", 1, image_size=96).write_images(folder, 1)
+    (folder / "not_a_photo.png").write_text("plain text with an image's extension")
+    data = photo.read_bytes()
+    (folder / "cut.png").write_bytes(data[: len(data) // 2])
+    return {"photo": photo, "text": folder / "not_a_photo.png", "truncated": folder / "cut.png"}
+
+
+def expected_caption(captioner: ImageCaptioner, path: Path, beam_size: int = 3, max_len: int = 20) -> str:
+    (caption,) = captioner.caption([open_image(path)], beam_size=beam_size, max_len=max_len, n_best=beam_size)
+    return caption.text or "(no words)"
+
+
+def test_handler_captions_a_photo_and_explains_bad_files(captioner, files):
+    photo, html, rows, maps = demo.describe_photo(captioner, str(files["photo"]), 2, 12)
+    assert photo.mode == "RGB" and photo.size == (96, 96)
+    assert f">{expected_caption(captioner, files['photo'], 2, 12)}<" in html
+    assert [r[0] for r in rows] == [1, 2] and rows[0][2] >= rows[1][2]  # best first
+    assert len(maps) == len(rows[0][1].split()) and all(word for _, word in maps)
+    with pytest.raises(gr.Error, match="not_a_photo.png could not be read: not an image"):
+        demo.describe_photo(captioner, str(files["text"]), 3, 20)
+    with pytest.raises(gr.Error, match="cut.png could not be read: truncated or corrupt"):
+        demo.describe_photo(captioner, str(files["truncated"]), 3, 20)
+    assert demo.describe_photo(captioner, None, 3, 20)[1] == demo.EMPTY_CAPTION
+
+
+def test_without_a_model_the_page_says_how_to_get_one(tmp_path):
+    assert demo.newest_checkpoint(tmp_path) is None
+    for name, age in [("20240101-000000", 100), ("20240102-000000", 0)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "best.pt").write_bytes(b"")
+        os.utime(tmp_path / name / "best.pt", (time.time() - age, time.time() - age))
+    assert demo.newest_checkpoint(tmp_path) == tmp_path / "20240102-000000" / "best.pt"
+    app = demo.build_app(None)
+    texts = [getattr(block, "value", None) for block in app.blocks.values()]
+    assert any(isinstance(t, str) and "bash scripts/quickstart.sh" in t and "--checkpoint" in t for t in texts)
+    with pytest.raises(gr.Error, match="quickstart.sh"):
+        demo.describe_photo(None, "any.png", 3, 20)
+
+
+@pytest.mark.skipif(not Path(browser_tools.CHROMIUM).exists(),
+                    reason=f"{browser_tools.CHROMIUM} not installed (Debian: apt-get install chromium)")
+def test_page_in_a_real_browser(trained_checkpoint, captioner, files):
+    app = demo.build_app(trained_checkpoint)
+    port = browser_tools.free_port()
+    demo.serve(app, port=port, prevent_thread_lock=True)
+    try:
+        with sync_playwright() as p:
+            browser = browser_tools.launch_browser(p)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("#upload input[type=file]").set_input_files(files["photo"])
+            assert browser_tools.wait_for_caption(page) == expected_caption(captioner, files["photo"])
+            assert page.locator("#nbest").get_by_text("log-prob").is_visible()
+            assert page.locator("#attention img").count() > 0
+
+            page.goto(f"http://127.0.0.1:{port}/")  # a fresh page: its upload box is empty again
+            page.locator("#upload input[type=file]").set_input_files(files["text"])
+            message = page.get_by_text("not_a_photo.png could not be read: not an image")
+            message.wait_for(state="visible", timeout=30_000)
+            assert "Traceback" not in page.content()
+            browser.close()
+    finally:
+        app.close()
