@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,7 @@ def _resume_error(path: Path, lineno: int, problem: str) -> ValueError:
                       "or write to another file with --out")
 
 
-class ResultWriter:
+class ResultWriter(ABC):
     """Appends caption records to a results file, one flushable record per image, and knows which images the file
     already holds (`done`: absolute paths)."""
 
@@ -173,11 +174,13 @@ class ResultWriter:
             self._read_existing()
         self.file = _open_output(self.path, overwrite)
 
+    @abstractmethod
     def _read_existing(self) -> None:
-        raise NotImplementedError
+        """Fill `done` from the file (which exists)."""
 
+    @abstractmethod
     def write(self, path: str, caption: Caption) -> None:
-        raise NotImplementedError
+        """Append one image's record."""
 
     def flush(self) -> None:
         self.file.flush()

@@ -14,13 +14,13 @@ TITLE_HEIGHT = 26  # pixels above each panel of attention_figure for its word
 def overlay(image: Image.Image, weights: torch.Tensor, alpha: float = 0.7, cmap: str = "jet") -> Image.Image:
     """Blend a colour-mapped attention map over an RGB image of any size.
 
-    weights (side, side) are one word's weights over the encoder grid; they are scaled so the most attended cell is
-    the top of the colour map, and upsampled bicubically, so a coarse 4x4 grid still gives a smooth map. The colour
-    is as opaque as the attention is strong (at most `alpha`), so the photo stays visible where the model looks
-    little.
+    weights (side, side) are one word's weights over the encoder grid; they are stretched to 0..1 (least to most
+    attended cell, as matplotlib's imshow would) and upsampled bicubically, so a coarse 4x4 grid still gives a smooth
+    map. The colour is as opaque as the attention is strong (at most `alpha`), so the photo stays visible where the
+    model looks little.
     """
     w = weights.detach().float().cpu()
-    w = w / w.max().clamp(min=1e-12)  # (side, side) in 0..1
+    w = (w - w.min()) / (w.max() - w.min()).clamp(min=1e-12)  # (side, side) in 0..1
     width, height = image.size
     heat = F.interpolate(w[None, None], size=(height, width), mode="bicubic", align_corners=False)[0, 0]  # (H, W)
     heat = heat.clamp(0, 1).numpy()

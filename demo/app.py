@@ -33,6 +33,7 @@ CSS = """
 #caption .caption-text { font-size: 1.9rem; font-weight: 650; line-height: 1.25; margin: 0.2rem 0; }
 #caption .caption-score { color: var(--body-text-color-subdued); font-size: 0.95rem; }
 #caption .caption-empty { color: var(--body-text-color-subdued); font-size: 1.1rem; }
+#caption .caption-problem { color: var(--error-text-color); font-size: 1.1rem; font-weight: 600; }
 #attention .fixed-height { min-height: 0; max-height: none; }  /* as tall as its rows of heat maps */
 """
 EMPTY_CAPTION = '<div class="caption-empty">Upload a photo or pick an example: its caption appears here.</div>'
@@ -49,23 +50,28 @@ def caption_html(text: str, score: float) -> str:
             f'<div class="caption-score">log-probability {score:.2f}</div>')
 
 
+def problem_html(message: str) -> str:
+    return f'<div class="caption-problem">{html.escape(message)}</div>'
+
+
 def describe_photo(captioner: ImageCaptioner | None, path: str | None, beam_size: int, max_len: int
                    ) -> tuple[Image.Image | None, str, list[list], list[tuple[Image.Image, str]]]:
-    """An image file -> (the photo as the model saw it, caption HTML, n-best rows, per-word heat maps).
+    """An image file -> (the photo, caption HTML, n-best rows, per-word heat maps).
 
-    Anything wrong with the file becomes a gr.Error whose message the page shows (never a traceback).
+    A file that is not a usable image gives a readable message in the caption area (and a warning toast), never
+    a traceback; so does a page without a model.
     """
     if captioner is None:
-        raise gr.Error(NO_MODEL, title="No model")
+        return None, problem_html(NO_MODEL), [], []
     if not path:
         return None, EMPTY_CAPTION, [], []
-    name = Path(path).name
     try:
         photo = open_image(path)
     except (BadImageError, OSError) as e:
-        raise gr.Error(f"{name} could not be read: {describe_failure(path, e)}. Please upload a JPEG, PNG, WebP "
-                       "or other common image file.", title="Not a usable image", print_exception=False) from None
-    beam_size, max_len = int(beam_size), int(max_len)
+        message = (f"{Path(path).name} could not be read: {describe_failure(path, e)}. Please upload a JPEG, PNG, "
+                   "WebP or other common image file.")
+        gr.Warning(html.escape(message))
+        return None, problem_html(message), [], []
     (caption,) = captioner.caption([photo], beam_size=beam_size, max_len=max_len, n_best=beam_size)
     rows = [[rank, text, round(score, 3)] for rank, (text, score) in enumerate(caption.nbest, 1)]
     maps = word_overlays(photo, caption.words, caption.attention) if caption.attention is not None else []

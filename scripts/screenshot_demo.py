@@ -49,7 +49,7 @@ def wait_for_caption(page: Page, timeout_ms: float = 60_000) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="an attention model shows the heat maps too")
+    p.add_argument("--checkpoint", required=True, help="an attention model shows heat maps too")
     p.add_argument("--out", default="docs/demo.png")
     p.add_argument("--example", type=int, default=0, help="which example image to caption")
     p.add_argument("--width", type=int, default=1280)
@@ -70,7 +70,8 @@ def main(args: argparse.Namespace) -> None:
             page.goto(f"http://127.0.0.1:{port}/")
             page.locator("#examples button").nth(args.example).click()
             text = wait_for_caption(page)
-            page.locator("#attention img").first.wait_for(state="visible")
+            if page.locator("#attention").is_visible():  # attention models: wait for the heat maps too
+                page.locator("#attention img").first.wait_for(state="visible")
             page.wait_for_timeout(500)  # let the images finish fading in
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=args.out, full_page=True)

@@ -1,0 +1,49 @@
+"""Run a config's frozen encoder over its train and val splits once and store the features for training.
+
+    python scripts/extract_features.py --config configs/flickr8k_attention.yaml
+    python scripts/extract_features.py --config configs/coco_attention.yaml --splits train val --set data.root=...
+
+The cache goes to the config's data.feature_cache folder; train.py then reads it instead of running the encoder.
+"""
+
+import argparse
+import sys
+
+from captioning.config import ConfigError, load_config
+from captioning.data.datasets import Preprocess, build_source
+from captioning.data.features import cache_record, extract_features
+from captioning.engine import resolve_device
+from captioning.models.encoder import Encoder
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val", "test"])
+    p.add_argument("--batch-size", type=int, default=64)
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    if not cfg.data.feature_cache:
+        sys.exit("error: the config has no data.feature_cache folder; add --set data.feature_cache=DIR")
+    m = cfg.model
+    device = resolve_device(cfg.train.device)
+    encoder = Encoder(m.encoder, m.encoder_weights, 0, m.grid_size).to(device)
+    preprocess = Preprocess.for_encoder(encoder, cfg.data.image_size)
+    for split in args.splits:
+        source = build_source(cfg.data, split)
+        record = cache_record(m.encoder, m.encoder_weights, m.grid_size, preprocess, source, cfg.data.feature_dtype)
+        path = extract_features(encoder, source, preprocess, cfg.data.feature_cache, split, record, device,
+                                args.batch_size, cfg.data.num_workers)
+        size_mb = path.stat().st_size / 2**20
+        print(f"{split}: {len(source)} images -> {path} ({size_mb:.0f} MB, {1024 * size_mb / len(source):.0f} KB/image)")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
