@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from captioning.models.decoder import CaptionDecoder
+from captioning.models.decoder import CaptionDecoder, select_rows
 from captioning.vocab import END_ID, PAD_ID, START_ID
 
 
@@ -71,9 +71,8 @@ def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tenso
     if not 1 <= n_best <= K:
         raise ValueError(f"n_best must be between 1 and the beam size ({K}), got {n_best}")
     device = pooled.device
-    state, memory = decoder.init(grid, pooled)
-    state = tuple(s.repeat_interleave(K, dim=1) for s in state)  # (L, B*K, H)
-    memory = tuple(m.repeat_interleave(K, dim=0) for m in memory)  # (B*K, ...)
+    # Each image's state (L, B*K, H) and memory (B*K, ...) copied for its K beams, once.
+    state, memory = select_rows(*decoder.init(grid, pooled), torch.arange(B, device=device).repeat_interleave(K))
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep one so the first step picks K different words
     words = torch.full((B * K,), START_ID, dtype=torch.long, device=device)

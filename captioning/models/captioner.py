@@ -35,9 +35,7 @@ class Captioner(nn.Module):
         naming each caption's image (several captions may share one encoded image)
         -> logits (R, T-1, V), attention (R, T-1, N) or None."""
         grid, pooled = self.encode(inputs)
-        if image_index is not None:
-            grid, pooled = grid[image_index], pooled[image_index]
-        return self.decoder(grid, pooled, captions, sample_prob)
+        return self.decoder(grid, pooled, captions, image_index, sample_prob)
 
 
 def build_model(cfg: Config, vocab: Vocabulary) -> Captioner:

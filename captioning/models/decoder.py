@@ -49,12 +49,14 @@ class CaptionDecoder(nn.Module):
         """words (B,) -> logits (B, V), new state, attention weights (B, N) or None."""
         raise NotImplementedError
 
-    def forward(self, grid: torch.Tensor, pooled: torch.Tensor, captions: torch.Tensor, sample_prob: float = 0.0
+    def forward(self, grid: torch.Tensor, pooled: torch.Tensor, captions: torch.Tensor,
+                image_index: torch.Tensor | None = None, sample_prob: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Teacher forcing: captions (B, T) starting with <start> -> logits (B, T-1, V) predicting captions[:, 1:],
-        and attention weights (B, T-1, N) or None. With sample_prob > 0 (scheduled sampling) each input word is
-        replaced by the model's own previous prediction with that probability."""
-        state, memory = self.init(grid, pooled)
+        """Teacher forcing: B images, captions (R, T) starting with <start>, image_index (R,) naming each caption's
+        image (None: R == B, one each) -> logits (R, T-1, V) predicting captions[:, 1:], attention (R, T-1, N) or
+        None. With sample_prob > 0 (scheduled sampling) each input word is replaced by the model's own previous
+        prediction with that probability."""
+        state, memory = select_rows(*self.init(grid, pooled), image_index)
         words = captions[:, 0]
         logits, alphas = [], []
         for t in range(captions.size(1) - 1):
@@ -90,14 +92,16 @@ class ShowTellDecoder(CaptionDecoder):
         out, state = self.run_rnn(self.embed(words).unsqueeze(1), state)  # (B, 1, H)
         return self.out(self.dropout(out.squeeze(1))), state, None
 
-    def forward(self, grid, pooled, captions, sample_prob=0.0):
+    def forward(self, grid, pooled, captions, image_index=None, sample_prob=0.0):
         if sample_prob > 0:
-            return super().forward(grid, pooled, captions, sample_prob)
+            return super().forward(grid, pooled, captions, image_index, sample_prob)
         # Whole sequence in one cuDNN call: [image, <start>, w1, ...] -> outputs from position 1 on.
         image = self.image_proj(pooled).unsqueeze(1)  # (B, 1, E)
-        x = torch.cat([image, self.embed(captions[:, :-1])], dim=1)  # (B, T, E)
-        out, _ = self.run_rnn(x, self._zero_state(pooled.size(0), image))
-        return self.out(self.dropout(out[:, 1:])), None  # (B, T-1, V)
+        if image_index is not None:
+            image = image[image_index]  # (R, 1, E)
+        x = torch.cat([image, self.embed(captions[:, :-1])], dim=1)  # (R, T, E)
+        out, _ = self.run_rnn(x, self._zero_state(image.size(0), image))
+        return self.out(self.dropout(out[:, 1:])), None  # (R, T-1, V)
 
 
 class AttentionDecoder(CaptionDecoder):
@@ -128,6 +132,13 @@ class AttentionDecoder(CaptionDecoder):
         x = torch.cat([self.embed(words), context], dim=-1).unsqueeze(1)  # (B, 1, E + C)
         out, state = self.run_rnn(x, state)
         return self.out(self.dropout(out.squeeze(1))), state, alpha
+
+
+def select_rows(state: State, memory: Memory, index: torch.Tensor | None) -> tuple[State, Memory]:
+    """Rows `index` of a batch's state and memory: one image's encoding shared by several captions or beams."""
+    if index is None:
+        return state, memory
+    return tuple(s.index_select(1, index) for s in state), tuple(m.index_select(0, index) for m in memory)
 
 
 def build_decoder(cfg: ModelConfig, vocab_size: int, feature_dim: int) -> CaptionDecoder:
