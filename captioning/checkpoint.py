@@ -6,7 +6,6 @@ import errno
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +48,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):
+            raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({e}). "
+                                  "Use the other checkpoint of the run (last.pt / best.pt) or retrain.") from None
         raise CheckpointError(f"{path} needs pickle to load arbitrary Python objects, which could run code; it was "
                               f"not written by this toolkit. Re-save it as a plain state_dict. ({e})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except Exception as e:  # torch raises many types on damaged files: RuntimeError, EOFError, KeyError, ...
         raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({type(e).__name__}: {e}). "
                               "Use the other checkpoint of the run (last.pt / best.pt) or retrain.") from None
     if not isinstance(state, dict) or "model" not in state:

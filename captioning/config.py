@@ -167,8 +167,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; the shipped ones are in configs/")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not a plain YAML mapping ({' '.join(str(e).split())}); "
+                              "fix the syntax (python tags are never loaded)") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config file must be a mapping with data/model/train sections")
         try:

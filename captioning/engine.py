@@ -62,6 +62,14 @@ class StepState:
     losses: list[float] = field(default_factory=list)
 
 
+def _advance(progress: StepState, scheduler) -> None:
+    """Count a step, so that a resumed run skips exactly the batches already seen."""
+    if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step()
+    progress.step_in_epoch += 1
+    progress.global_step += 1
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, scaler,
                     device: torch.device, cfg: TrainConfig, progress: StepState, total_steps: int,
                     on_step: Callable[[], bool] | None = None) -> float:
@@ -70,8 +78,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     model.train()
     bar = tqdm(loader, desc=f"epoch {progress.epoch}", disable=not is_main(), leave=False, dynamic_ncols=True)
     for batch in bar:
-        if not batch:
-            continue  # every image of the batch was unreadable (each already reported)
+        if not batch:  # every image of the batch was unreadable (each already reported); the step still counts
+            _advance(progress, scheduler)
+            continue
         inputs = batch["inputs"].to(device, non_blocking=True)
         captions = batch["captions"].to(device, non_blocking=True)
         image_index = batch["image_index"].to(device, non_blocking=True)
@@ -95,10 +104,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             scaler.step(optimizer)
             scaler.update()
             progress.losses.append(loss_value)
-        if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step()
-        progress.step_in_epoch += 1
-        progress.global_step += 1
+        _advance(progress, scheduler)
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         if on_step is not None and on_step():
             break

@@ -41,8 +41,8 @@ def main(args: argparse.Namespace) -> None:
         record = cache_record(m.encoder, m.encoder_weights, m.grid_size, preprocess, source, cfg.data.feature_dtype)
         path = extract_features(encoder, source, preprocess, cfg.data.feature_cache, split, record, device,
                                 args.batch_size, cfg.data.num_workers)
-        size_mb = path.stat().st_size / 2**20
-        print(f"{split}: {len(source)} images -> {path} ({size_mb:.0f} MB, {1024 * size_mb / len(source):.0f} KB/image)")
+        mb = path.stat().st_size / 2**20
+        print(f"{split}: {len(source)} images -> {path} ({mb:.0f} MB, {1024 * mb / len(source):.0f} KB/image)")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,10 @@ def main(args: argparse.Namespace) -> None:
         cfg = load_config(None if args.resume else args.config, args.set, base)
     except (ConfigError, CheckpointError) as e:
         sys.exit(f"error: {e}")
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume)
+    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from captioning.config import DataConfig
+from captioning.config import ConfigError, DataConfig
 from captioning.data.sources import BadImageError, CaptionSource, coco_source, flickr8k_source, karpathy_source
 from captioning.data.synthetic import SyntheticShapes
 from captioning.vocab import PAD_ID, Vocabulary, tokenize
@@ -27,7 +27,7 @@ def build_source(cfg: DataConfig, split: str) -> CaptionSource:
         n = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}[split]
         return SyntheticShapes(split, n, seed=0, image_size=cfg.synthetic_size)
     if not cfg.root and not cfg.karpathy_json:
-        raise ValueError(f"data.dataset={cfg.dataset} needs data.root (and data.karpathy_json for karpathy); "
+        raise ConfigError(f"data.dataset={cfg.dataset} needs data.root (and data.karpathy_json for karpathy); "
                          "see the README's dataset section")
     if cfg.dataset == "coco":
         return coco_source(cfg.root, split, cfg.year, cfg.image_dir or None)

@@ -64,6 +64,10 @@ def open_image(path: str | Path, max_pixels: int = 89_478_485) -> Image.Image:
             ) from e
         except UnidentifiedImageError as e:
             raise BadImageError(f"{path}: not an image (Pillow cannot identify the format or read its header)") from e
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # Pillow's plugins raise OSError, ValueError, SyntaxError... on damaged headers
+            raise BadImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
         with img:
             width, height = img.size
             if width * height > max_pixels:

@@ -11,7 +11,7 @@ class AdditiveAttention(nn.Module):
         super().__init__()
         self.key = nn.Linear(feature_dim, attention_dim)
         self.query = nn.Linear(hidden_dim, attention_dim)
-        self.score = nn.Linear(attention_dim, 1)
+        self.score = nn.Linear(attention_dim, 1, bias=False)  # a bias would cancel in the softmax
 
     def project_keys(self, features: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, N, A); done once per image, not at every decoding step."""

@@ -51,6 +51,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ca
     except ConfigError as e:
         raise CheckpointError(f"{path}: its config does not fit this version of the code: {e}") from None
     vocab = Vocabulary.from_dict(state["vocab"])
+    stored_words = state["model"].get("decoder.embed.weight", torch.empty(0)).shape[0]
+    if stored_words != len(vocab):
+        raise CheckpointError(f"{path}: its vocabulary has {len(vocab)} words but its weights {stored_words}; use the "
+                              "checkpoint as the run wrote it (RUN/best.pt), or retrain")
     model = Captioner(cfg.model, vocab, encoder_weights=None)  # all weights come from the checkpoint
     try:
         model.load_state_dict(state["model"])

@@ -30,7 +30,7 @@ def resolve_weights(name: str, weights: str | None) -> torchvision.models.Weight
         return enum[weights]
     except KeyError:
         choices = ", ".join(["DEFAULT", *enum.__members__])
-        raise ValueError(f"unknown weights '{weights}' for {name}; use one of {choices}, a file path, or null") from None
+        raise ValueError(f"unknown weights '{weights}' for {name}; use one of {choices}, a path, or null") from None
 
 
 def _trunk_and_stages(model: nn.Module, name: str) -> tuple[nn.Module, list[nn.Module]]:

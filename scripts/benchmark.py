@@ -1,0 +1,434 @@
+"""Speed and memory figures: each area prints a ratio of two things measured in the same run, with the absolute
+numbers beside it, and the run ends with a one-line summary to paste into an issue.
+
+    python scripts/benchmark.py                        # every area (CUDA-only figures are skipped on a CPU)
+    python scripts/benchmark.py beam latency --quick   # small sizes, for a quick check
+    python scripts/benchmark.py beam --profile         # also the top operators of torch.profiler
+    python scripts/benchmark.py train --device cuda --threads 4
+
+Areas:
+  beam     batched beam search (beam 5, 64 images, attention decoder 512, vocabulary 5,000, 7x7x2048 grids) vs the
+           same function called one image at a time; the captions must be identical       (target >= 8x)
+  train    training captions/s from cached features vs a frozen ResNet-50 at 224 in the loop (target >= 10x)
+  folder   folder captioning (JPEG files, ResNet-50, beam 3, captioning.batch) vs the bare encoder on preloaded
+           tensors at the same batch size                                                   (target >= 0.70)
+  memory   peak RSS of folder captioning (scripts/caption.py) over 1,000 vs 10,000 images, each in a fresh process
+           (ResNet-18 at 64 px, a small decoder)                                            (target within 10%)
+  latency  one photo through ImageCaptioner.caption (the demo's path; ResNet-50, beam 3): p50 and p95 over 50
+           photos after 3 warm-ups                                                           (target p50 <= 250 ms)
+  gpu      CUDA only: training fp32 vs mixed precision, folder captioning with ResNet-101, peak GPU memory
+
+Weights are random (weights=None): speed does not depend on their values, but a random decoder rarely says <end>,
+so its captions run to max_len words; the mean caption length is printed, and decoding times are an upper bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from captioning.batch import caption_files, expand_inputs, open_writer
+from captioning.checkpoint import save_checkpoint
+from captioning.config import Config, load_config
+from captioning.decoding import beam_search
+from captioning.engine import StepState, autocast, resolve_device, train_one_epoch
+from captioning.inference import ImageCaptioner
+from captioning.models import Captioner
+from captioning.models.decoder import build_decoder
+from captioning.training import build_optimizer
+from captioning.vocab import END_ID, PAD_ID, SPECIALS, START_ID, Vocabulary
+
+AREAS = ("beam", "train", "folder", "memory", "latency", "gpu")
+SCRIPTS = Path(__file__).resolve().parent
+COCO_LIKE = {"model.embed_dim": 512, "model.hidden_dim": 512, "model.attention_dim": 512}
+VOCAB_SIZE = 5000
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("areas", nargs="*", default=list(AREAS), metavar="AREA",
+                   help=f"what to measure: {', '.join(AREAS)} (default: all)")
+    p.add_argument("--quick", action="store_true", help="small sizes: a check that every area runs, not figures")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators for beam and latency")
+    p.add_argument("--memory-child", nargs=3, metavar=("CHECKPOINT", "LIST", "OUT"), help=argparse.SUPPRESS)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
+    """(fn's result, wall seconds), with the device's queued work included."""
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - start
+
+
+def model_config(encoder: str = "resnet50", image_size: int = 224, **overrides) -> Config:
+    """A COCO-sized attention captioner (random weights) with `encoder` at `image_size`."""
+    settings = {"model.encoder": encoder, "model.encoder_weights": None, "data.image_size": image_size, **COCO_LIKE,
+                **overrides}
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
+
+
+def vocabulary(size: int) -> Vocabulary:
+    return Vocabulary([*SPECIALS, *(f"w{i}" for i in range(size - len(SPECIALS)))])
+
+
+def write_checkpoint(path: Path, cfg: Config, vocab_size: int = VOCAB_SIZE) -> Path:
+    """A checkpoint load_model accepts (config, vocabulary, weights) for a randomly initialised model."""
+    vocab = vocabulary(vocab_size)
+    model = Captioner(cfg.model, vocab)
+    save_checkpoint({"config": cfg.to_dict(), "vocab": vocab.to_dict(), "model": model.state_dict()}, path)
+    return path
+
+
+def photo(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """A photo-like RGB image (width, height): smooth colour regions plus sensor noise, so JPEG sizes and decoding
+    times are those of real photos rather than of flat drawings."""
+    w, h = size
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BILINEAR)
+    pixels = np.asarray(coarse, dtype=np.int16) + rng.normal(0, 12, (h, w, 3)).astype(np.int16)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def write_photos(folder: Path, count: int, size: tuple[int, int] = (640, 480), seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = [folder / f"{i:06d}.jpg" for i in range(count)]
+    for path in paths:
+        photo(rng, size).save(path, quality=90)
+    return paths
+
+
+def random_captions(n_images: int, per_image: int, vocab_size: int, generator: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """COCO-like training captions: <start> 8..16 words <end>, padded -> captions (R, T), image_index (R,)."""
+    rows = []
+    for _ in range(n_images * per_image):
+        n = int(torch.randint(8, 17, (1,), generator=generator))
+        words = torch.randint(len(SPECIALS), vocab_size, (n,), generator=generator)
+        rows.append(torch.cat([torch.tensor([START_ID]), words, torch.tensor([END_ID])]))
+    captions = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=PAD_ID)
+    return captions, torch.arange(n_images).repeat_interleave(per_image)
+
+
+def grid_features(n: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """(n, 49, 2048) non-negative features, as a ResNet's last stage (after ReLU) gives them."""
+    return torch.randn(n, 49, 2048, generator=generator).relu().to(device)
+
+
+def profile(label: str, fn: Callable[[], object], device: torch.device) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n  profile: {label}")
+    print(prof.key_averages().table(sort_by=sort, row_limit=12))
+
+
+def line(name: str, value: str) -> None:
+    print(f"  {name:<24}: {value}")
+
+
+# ---------------------------------------------------------------------------------------------------- areas
+
+
+def bench_beam(args, device: torch.device, work: Path) -> dict:
+    n_images, beam = (8 if args.quick else 64), 5
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    decoder = build_decoder(model_config().model, VOCAB_SIZE, 2048).to(device).eval()
+    grid = grid_features(n_images, device, g)  # (B, 49, 2048)
+    pooled = grid.mean(1)  # (B, 2048)
+    print(f"beam: beam {beam}, {n_images} images, attention decoder 512, vocabulary {VOCAB_SIZE}, 7x7x2048 grids")
+    beam_search(decoder, grid[:2], pooled[:2], beam)  # warm-up: allocator, oneDNN primitives, CUDA kernels
+    batched, t_batched = timed(lambda: beam_search(decoder, grid, pooled, beam), device)
+    single, t_single = timed(lambda: [beam_search(decoder, grid[i:i + 1], pooled[i:i + 1], beam)[0]
+                                      for i in range(n_images)], device)
+    same = [a[0].tokens == b[0].tokens for a, b in zip(batched, single)]
+    gap = max((abs(a[0].score - b[0].score) for a, b in zip(batched, single)), default=0.0)
+    speedup = t_single / t_batched
+    line("batched", f"{n_images / t_batched:8.2f} images/s ({t_batched:.2f} s)")
+    line("one image at a time", f"{n_images / t_single:8.2f} images/s ({t_single:.2f} s)")
+    line("speed-up", f"{speedup:.1f}x (target >= 8x)")
+    line("captions identical", f"{sum(same)}/{n_images}{'' if all(same) else '  <-- MISMATCH'} (largest score gap "
+                               f"{gap:.1e}), mean length {np.mean([len(h[0].tokens) for h in batched]):.1f} words")
+    if args.profile:
+        profile(f"batched beam search, {n_images} images", lambda: beam_search(decoder, grid, pooled, beam), device)
+        profile("beam search on one image", lambda: beam_search(decoder, grid[:1], pooled[:1], beam), device)
+    return {"summary": f"beam {speedup:.1f}x", "ok": all(same)}
+
+
+def train_rate(model: Captioner, batch: dict, cfg: Config, device: torch.device, steps: int) -> float:
+    """Captions/s of train_one_epoch (forward, caption_loss, backward, clipping, Adam) over `steps` repeats of
+    `batch`, after one warm-up step."""
+    optimizer = build_optimizer(model, cfg)
+    amp_fp16 = device.type == "cuda" and cfg.train.amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_fp16)
+
+    def run(n: int) -> None:
+        with contextlib.redirect_stderr(io.StringIO()):  # the loop's progress bar would break up the figures
+            train_one_epoch(model, [batch] * n, optimizer, None, scaler, device, cfg.train, StepState(), n)
+
+    run(1)
+    _, seconds = timed(lambda: run(steps), device)
+    return steps * batch["captions"].size(0) / seconds
+
+
+def training_batches(n_images: int, per_image: int, device: torch.device, image_size: int = 224
+                     ) -> tuple[dict, dict]:
+    """The same captions with cached features (B, 49, 2048) and with images (B, 3, 224, 224)."""
+    g = torch.Generator().manual_seed(0)
+    captions, image_index = random_captions(n_images, per_image, VOCAB_SIZE, g)
+    common = {"captions": captions.to(device), "image_index": image_index.to(device)}
+    features = {"inputs": grid_features(n_images, device, g), **common}
+    images = {"inputs": torch.randn(n_images, 3, image_size, image_size, generator=g).to(device), **common}
+    return features, images
+
+
+def bench_train(args, device: torch.device, work: Path) -> dict:
+    n_images, per_image, steps = (4, 5, 1) if args.quick else (32, 5, 3)
+    cfg = model_config("resnet50")
+    cfg.train.amp = False
+    torch.manual_seed(0)
+    model = Captioner(cfg.model, vocabulary(VOCAB_SIZE)).to(device)
+    features, images = training_batches(n_images, per_image, device)
+    print(f"train: {n_images} images x {per_image} captions per step, attention decoder 512, vocabulary "
+          f"{VOCAB_SIZE}, Adam, fp32")
+    cached = train_rate(model, features, cfg, device, steps)
+    in_loop = train_rate(model, images, cfg, device, steps)
+    ratio = cached / in_loop
+    line("cached features", f"{cached:8.1f} captions/s")
+    line("ResNet-50 in the loop", f"{in_loop:8.1f} captions/s")
+    line("ratio", f"{ratio:.1f}x (target >= 10x)")
+    return {"summary": f"train {ratio:.1f}x", "ok": True}
+
+
+def encoder_rate(captioner: ImageCaptioner, n_images: int, batch_size: int) -> float:
+    """Images/s of the encoder alone on preloaded tensors, as caption_batch runs it (no_grad, autocast)."""
+    device, size = captioner.device, captioner.preprocess.size
+    batch = torch.randn(batch_size, 3, size, size).to(device)
+
+    @torch.no_grad()
+    def run(n: int) -> None:
+        for _ in range(n):
+            with autocast(device):
+                captioner.model.encode(batch)
+
+    run(1)
+    batches = max(1, n_images // batch_size)
+    _, seconds = timed(lambda: run(batches), device)
+    return batches * batch_size / seconds
+
+
+def folder_rate(captioner: ImageCaptioner, paths: list[str], out: Path, beam_size: int, batch_size: int,
+                num_workers: int) -> tuple[float, float]:
+    """(images/s of captioning.batch.caption_files over `paths`, mean caption length in words)."""
+    with open_writer(out.with_suffix(".warmup.jsonl"), "jsonl", overwrite=True) as writer:
+        caption_files(captioner, paths[:batch_size], writer, beam_size, batch_size=batch_size, num_workers=0,
+                      progress=False)
+    with open_writer(out, "jsonl", overwrite=True) as writer:
+        summary, seconds = timed(lambda: caption_files(captioner, paths, writer, beam_size, batch_size=batch_size,
+                                                       num_workers=num_workers, progress=False), captioner.device)
+    if summary.done != len(paths):
+        raise RuntimeError(f"captioned {summary.done} of {len(paths)} images")
+    words = [len(json.loads(r)["caption"].split()) for r in out.read_text().splitlines()]
+    return len(paths) / seconds, float(np.mean(words))
+
+
+def bench_folder(args, device: torch.device, work: Path) -> dict:
+    n_images, batch_size, beam, workers = (16 if args.quick else 64), 16, 3, 2
+    checkpoint = write_checkpoint(work / "resnet50.pt", model_config("resnet50"))
+    captioner = ImageCaptioner.from_checkpoint(checkpoint, str(device))
+    paths = list(expand_inputs([write_photos(work / "photos", n_images)[0].parent]))
+    print(f"folder: {n_images} JPEG photos 640x480, ResNet-50 at 224, beam {beam}, batch {batch_size}, "
+          f"{workers} loader workers")
+    end_to_end, length = folder_rate(captioner, paths, work / "folder.jsonl", beam, batch_size, workers)
+    bare = encoder_rate(captioner, n_images, batch_size)
+    ratio = end_to_end / bare
+    line("folder captioning", f"{end_to_end:8.2f} images/s (mean caption {length:.1f} words)")
+    line("encoder alone", f"{bare:8.2f} images/s")
+    line("ratio", f"{ratio:.2f} (target >= 0.70)")
+    return {"summary": f"folder {ratio:.2f}", "ok": True}
+
+
+def memory_child(args) -> None:
+    """Caption the images of a list file with scripts/caption.py in this fresh process; print peak RSS as JSON."""
+    spec = importlib.util.spec_from_file_location("caption_script", SCRIPTS / "caption.py")
+    caption_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(caption_script)
+    checkpoint, list_file, out = args.memory_child
+    start = time.perf_counter()
+    caption_script.main(caption_script.get_args_parser().parse_args(
+        ["--checkpoint", checkpoint, list_file, "--out", out, "--overwrite", "--device", args.device]))
+    print(json.dumps({"main_kib": own_peak_rss_kib(),
+                      "worker_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+                      "seconds": time.perf_counter() - start}))
+
+
+def own_peak_rss_kib() -> int:
+    """This process's peak resident memory in KiB. Linux's VmHWM belongs to the address space made by exec, whereas
+    getrusage's ru_maxrss keeps the high-water mark of the process that forked us (here: the whole benchmark)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(row.split()[1]) for row in f if row.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_rss(checkpoint: Path, list_file: Path, out: Path, args) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(checkpoint), str(list_file),
+               str(out), "--device", args.device, "--threads", str(args.threads)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"folder captioning of {list_file} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(args, device: torch.device, work: Path) -> dict:
+    small, large = (200, 2000) if args.quick else (1000, 10000)
+    cfg = model_config("resnet18", 64, **{"model.embed_dim": 64, "model.hidden_dim": 128, "model.attention_dim": 64})
+    checkpoint = write_checkpoint(work / "resnet18.pt", cfg, vocab_size=1000)
+    paths = write_photos(work / "small_photos", large, size=(96, 72))
+    print(f"memory: scripts/caption.py in a fresh process per run, {small} vs {large} JPEGs 96x72, ResNet-18 at 64 px,"
+          " beam 3, batch 16, 2 loader workers")
+    peaks = {}
+    for n in (small, large):
+        list_file = work / f"first_{n}.txt"
+        list_file.write_text("".join(f"{p}\n" for p in paths[:n]))
+        peaks[n] = peak_rss(checkpoint, list_file, work / f"memory_{n}.jsonl", args)
+        line(f"{n} images", f"main process {peaks[n]['main_kib'] / 1024:7.1f} MiB, largest worker "
+                            f"{peaks[n]['worker_kib'] / 1024:6.1f} MiB ({n / peaks[n]['seconds']:.0f} images/s)")
+    ratio = peaks[large]["main_kib"] / peaks[small]["main_kib"]
+    worker_ratio = peaks[large]["worker_kib"] / peaks[small]["worker_kib"]
+    line("ratio", f"{ratio:.3f} main process, {worker_ratio:.3f} worker (target within 10%: <= 1.10)")
+    return {"summary": f"memory {ratio:.2f}", "ok": True}
+
+
+def bench_latency(args, device: torch.device, work: Path) -> dict:
+    warmups, n_photos, beam = 3, (10 if args.quick else 50), 3
+    checkpoint = work / "resnet50.pt"
+    if not checkpoint.exists():
+        write_checkpoint(checkpoint, model_config("resnet50"))
+    captioner = ImageCaptioner.from_checkpoint(checkpoint, str(device))
+    rng = np.random.default_rng(1)
+    photos = [photo(rng, (640, 480)) for _ in range(warmups + n_photos)]
+    print(f"latency: one 640x480 photo per call through ImageCaptioner.caption, ResNet-50 at 224, beam {beam}; "
+          f"{n_photos} photos after {warmups} warm-ups")
+    total, encoder = [], []
+    for i, image in enumerate(photos):
+        _, seconds = timed(lambda im=image: captioner.caption([im], beam_size=beam), device)
+        x = captioner.preprocess(image).unsqueeze(0).to(device)
+        with torch.no_grad(), autocast(device):
+            _, encode_seconds = timed(lambda x=x: captioner.model.encode(x), device)
+        if i >= warmups:
+            total.append(seconds * 1000)
+            encoder.append(encode_seconds * 1000)
+    p50, p95 = np.percentile(total, 50), np.percentile(total, 95)
+    line("caption one photo", f"p50 {p50:6.1f} ms, p95 {p95:6.1f} ms (target p50 <= 250 ms)")
+    line("encoder alone", f"p50 {np.percentile(encoder, 50):6.1f} ms")
+    line("ratio", f"p50 / target {p50 / 250:.2f}; encoder share of p50 {np.percentile(encoder, 50) / p50:.2f}; "
+                  f"p95 / p50 {p95 / p50:.2f}")
+    if args.profile:
+        profile("ImageCaptioner.caption on one photo", lambda: captioner.caption([photos[0]], beam_size=beam), device)
+    return {"summary": f"latency p50 {p50:.0f} ms", "ok": True}
+
+
+def bench_gpu(args, device: torch.device, work: Path) -> dict:
+    if device.type != "cuda":
+        print("gpu: skipped (needs CUDA; this run is on the CPU)")
+        return {"summary": "gpu skipped", "ok": True}
+    n_images, per_image, steps = (16, 5, 2) if args.quick else (64, 5, 20)
+    print(f"gpu: {torch.cuda.get_device_name(device)}")
+    peaks = {}
+    rates = {}
+    for amp in (False, True):
+        cfg = model_config("resnet101")
+        cfg.train.amp = amp
+        torch.manual_seed(0)
+        model = Captioner(cfg.model, vocabulary(VOCAB_SIZE)).to(device)
+        features, _ = training_batches(n_images, per_image, device)
+        torch.cuda.reset_peak_memory_stats(device)
+        rates[amp] = train_rate(model, features, cfg, device, steps)
+        peaks[f"training {'mixed' if amp else 'fp32'}"] = torch.cuda.max_memory_allocated(device)
+        del model, features
+    precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16 + GradScaler"
+    line("training fp32", f"{rates[False]:9.1f} captions/s ({n_images} images x {per_image} captions, cached)")
+    line("training mixed", f"{rates[True]:9.1f} captions/s ({precision})")
+    line("ratio", f"{rates[True] / rates[False]:.2f}x mixed / fp32")
+
+    n_files, batch_size = (64, 32) if args.quick else (1024, 64)
+    workers = min(8, os.cpu_count() or 1)
+    checkpoint = write_checkpoint(work / "resnet101.pt", model_config("resnet101"))
+    captioner = ImageCaptioner.from_checkpoint(checkpoint, str(device))
+    paths = list(expand_inputs([write_photos(work / "gpu_photos", n_files)[0].parent]))
+    torch.cuda.reset_peak_memory_stats(device)
+    end_to_end, length = folder_rate(captioner, paths, work / "gpu_folder.jsonl", 3, batch_size, workers)
+    peaks["folder captioning"] = torch.cuda.max_memory_allocated(device)
+    bare = encoder_rate(captioner, n_files, batch_size)
+    line("folder, ResNet-101", f"{end_to_end:9.1f} images/s (beam 3, batch {batch_size}, {workers} workers, "
+                               f"mean caption {length:.1f} words)")
+    line("encoder alone", f"{bare:9.1f} images/s")
+    line("ratio", f"{end_to_end / bare:.2f} folder / encoder")
+    line("peak GPU memory", ", ".join(f"{name} {peak / 2**20:.0f} MiB" for name, peak in peaks.items()))
+    return {"summary": f"gpu amp {rates[True] / rates[False]:.2f}x, folder r101 {end_to_end:.0f} img/s", "ok": True}
+
+
+BENCHMARKS = {"beam": bench_beam, "train": bench_train, "folder": bench_folder, "memory": bench_memory,
+              "latency": bench_latency, "gpu": bench_gpu}
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args)
+        return 0
+    unknown = [a for a in args.areas if a not in AREAS]
+    if unknown:
+        sys.exit(f"error: unknown area {unknown}; choose from {', '.join(AREAS)}")
+    device = resolve_device(args.device)
+    load = "n/a" if not hasattr(os, "getloadavg") else f"{os.getloadavg()[0]:.1f}"
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {os.cpu_count()} CPUs, "
+          f"load average {load}{', quick sizes' if args.quick else ''}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="captioning-benchmark-") as tmp:
+        for area in dict.fromkeys(args.areas):  # in the order given, each once
+            print()
+            results.append(BENCHMARKS[area](args, device, Path(tmp)))
+    print(f"\nsummary ({device}, {torch.get_num_threads()} threads{', quick' if args.quick else ''}): "
+          + ", ".join(r["summary"] for r in results))
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,148 @@
+"""Training under torchrun: 2 CPU processes with Gloo run scripts/train.py on a tiny synthetic config.
+
+Each rank's evidence comes from a small launcher written into tmp_path: it wraps captioning.training's
+train_one_epoch (to save that rank's weights and per-step losses after every epoch) and save_checkpoint (to record
+which rank wrote which file), then runs scripts/train.py as __main__, so the real CLI and training loop are tested.
+
+Why the runs are comparable: the sampler gives rank r the indices r, r + 2, ... of each epoch's permutation, so two
+ranks of B images see together exactly the 2B images a single process sees in one step. DDP averages gradients over
+ranks, which equals the single process's gradient when every caption row weighs the same in the loss: each image
+gives the same number of captions (data.captions_per_image) and every caption is cut to the same length
+(data.max_caption_len=3; the shortest synthetic caption has 3 words), so each rank's token-mean loss covers as many
+tokens. Dropout is 0 and the learning rate constant, so a run stopped after one epoch and resumed is the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from captioning.config import save_config
+
+REPO = Path(__file__).resolve().parents[1]
+PER_RANK_BATCH = 4
+
+LAUNCHER = '''
+import os, runpy, sys
+import torch
+import captioning.training as training
+
+evidence, train_script, rank = sys.argv[1], sys.argv[2], int(os.environ.get("RANK", "0"))
+run_epoch, save = training.train_one_epoch, training.save_checkpoint
+
+def train_one_epoch(net, loader, optimizer, scheduler, scaler, device, cfg, progress, *args, **kwargs):
+    loss = run_epoch(net, loader, optimizer, scheduler, scaler, device, cfg, progress, *args, **kwargs)
+    model = getattr(net, "module", net)  # DistributedDataParallel wraps the model under torchrun
+    torch.save({"model": model.state_dict(), "losses": list(progress.losses), "steps": progress.step_in_epoch},
+               os.path.join(evidence, f"rank{rank}_epoch{progress.epoch}.pt"))
+    return loss
+
+def save_checkpoint(state, path):
+    with open(os.path.join(evidence, f"saves_rank{rank}.txt"), "a") as f:
+        f.write(os.path.basename(str(path)) + "\\n")
+    save(state, path)
+
+training.train_one_epoch, training.save_checkpoint = train_one_epoch, save_checkpoint
+sys.argv = [train_script, *sys.argv[3:]]
+runpy.run_path(train_script, run_name="__main__")
+'''
+
+
+def _config(tmp_path: Path, name: str, batch_size: int, epochs: int) -> Path:
+    cfg = tiny_config(tmp_path / name / "run", **{
+        "data.num_train": 16, "data.num_val": 4, "data.captions_per_image": 2, "data.max_caption_len": 3,
+        "model.embed_dim": 8, "model.hidden_dim": 16, "model.attention_dim": 8, "train.batch_size": batch_size,
+        "train.epochs": epochs, "train.lr_schedule": "constant", "train.early_stop_patience": 0,
+        "train.device": "cpu", "train.max_decode_len": 4})
+    path = tmp_path / f"{name}.yaml"
+    save_config(cfg, path)
+    return path
+
+
+def _launch(tmp_path: Path, name: str, args: list[str], nproc: int) -> Path:
+    """Run scripts/train.py with `args` through the launcher (under torchrun when nproc > 1) -> evidence folder."""
+    evidence = tmp_path / name / "evidence"
+    evidence.mkdir(parents=True, exist_ok=True)
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(LAUNCHER)
+    prefix = [sys.executable]
+    if nproc > 1:
+        prefix += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank: 2 ranks share the 2 CPU cores a CI machine has
+    result = subprocess.run([*prefix, str(launcher), str(evidence), str(REPO / "scripts" / "train.py"), *args],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return evidence
+
+
+def _evidence(folder: Path, rank: int, epoch: int) -> dict:
+    return torch.load(folder / f"rank{rank}_epoch{epoch}.pt", weights_only=True)
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    diffs = {k: (x.float() - b[k].float()).abs().max().item() for k, x in a.items()}
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= atol, f"{worst} differs by up to {diffs[worst]:.2e} (tolerance {atol:.0e})"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A single-process run of 2 epochs at batch 2B; a 2-rank run of B per rank stopped after 1 epoch, then resumed
+    under torchrun to 2 epochs."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    single = _launch(tmp, "single", ["--config", str(_config(tmp, "single", 2 * PER_RANK_BATCH, 2))], nproc=1)
+    ddp = _launch(tmp, "ddp", ["--config", str(_config(tmp, "ddp", PER_RANK_BATCH, 1))], nproc=2)
+    last = tmp / "ddp" / "run" / "last.pt"
+    first_epoch = torch.load(last, weights_only=True)
+    resumed = _launch(tmp, "resumed", ["--resume", str(last), "--set", "train.epochs=2"], nproc=2)
+    return {"single": single, "ddp": ddp, "resumed": resumed, "ddp_run": tmp / "ddp" / "run",
+            "first_epoch": first_epoch}
+
+
+def test_ranks_hold_identical_weights(runs):
+    for folder, epoch in ((runs["ddp"], 0), (runs["resumed"], 1)):
+        rank0, rank1 = _evidence(folder, 0, epoch), _evidence(folder, 1, epoch)
+        assert rank0["steps"] == rank1["steps"] == 2  # 16 images / 2 ranks / 4 per step
+        for key, weight in rank0["model"].items():
+            assert torch.equal(weight, rank1["model"][key]), f"{key} differs between ranks after epoch {epoch}"
+
+
+def test_two_ranks_match_one_process_on_the_global_batch(runs):
+    single, rank0, rank1 = (_evidence(f, r, 0) for f, r in ((runs["single"], 0), (runs["ddp"], 0), (runs["ddp"], 1)))
+    assert single["steps"] == rank0["steps"] == 2
+    # DDP's gradient is the mean of the ranks' gradients, so the mean of the ranks' losses is the global loss.
+    ddp_losses = [(a + b) / 2 for a, b in zip(rank0["losses"], rank1["losses"])]
+    assert ddp_losses == pytest.approx(single["losses"], rel=1e-5)
+    assert rank0["losses"] != pytest.approx(rank1["losses"], rel=1e-3)  # the ranks really saw different captions
+    _assert_close(rank0["model"], single["model"], atol=1e-5)
+
+
+def test_only_rank_zero_writes(runs):
+    assert not (runs["ddp"] / "saves_rank1.txt").exists()
+    assert (runs["ddp"] / "saves_rank0.txt").read_text().split() == ["last.pt", "best.pt"]
+    run = runs["ddp_run"]
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "vocab.json"]
+    # The checkpoint holds the weights both ranks trained to (a rank-1 write would not change this, but would add lines
+    # to metrics.jsonl and names to saves_rank1.txt).
+    checkpoint, trained = runs["first_epoch"]["model"], _evidence(runs["ddp"], 0, 0)["model"]
+    assert all(torch.equal(weight, trained[key]) for key, weight in checkpoint.items())
+
+
+def test_resume_under_torchrun_continues_the_run(runs):
+    records = [json.loads(line) for line in (runs["ddp_run"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert [r["step"] for r in records] == [2, 4]
+    assert not (runs["resumed"] / "saves_rank1.txt").exists()
+    # Stopped after epoch 1 and resumed for epoch 2 on 2 ranks == 2 uninterrupted epochs on one process.
+    single, resumed = _evidence(runs["single"], 0, 1), _evidence(runs["resumed"], 0, 1)
+    ddp_losses = [(a + b) / 2 for a, b in zip(resumed["losses"], _evidence(runs["resumed"], 1, 1)["losses"])]
+    assert ddp_losses == pytest.approx(single["losses"], rel=1e-5)
+    _assert_close(resumed["model"], single["model"], atol=1e-5)

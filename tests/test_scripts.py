@@ -1,0 +1,130 @@
+"""scripts/train.py and scripts/evaluate.py end to end, in subprocesses, on tiny synthetic and COCO-format data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "data": {"dataset": "synthetic", "num_train": 16, "num_val": 8, "num_test": 8, "synthetic_size": 32,
+             "image_size": 32, "min_word_count": 1, "num_workers": 0, "augment": False},
+    "model": {"encoder": "resnet18", "encoder_weights": None, "embed_dim": 16, "hidden_dim": 32,
+              "attention_dim": 16, "dropout": 0.0},
+    "train": {"epochs": 1, "batch_size": 8, "max_decode_len": 12, "out_dir": "runs/should_not_be_used"},
+}
+
+
+def _script(name: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run scripts/<name> with this interpreter; cwd is a temporary folder so nothing lands in the repository."""
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, argv)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _write_yaml(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A non-zero exit with a one-line message on stderr and no traceback."""
+    assert result.returncode != 0
+    message = result.stderr.strip()
+    assert "Traceback" not in result.stderr
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in message
+
+
+def _check_evaluation(out: Path, split: str, image_ids: list, beam_size: int) -> None:
+    captions = json.loads((out / f"captions_{split}.json").read_text())
+    assert isinstance(captions, list)
+    assert all(set(c) == {"image_id", "caption"} and isinstance(c["caption"], str) for c in captions)
+    assert sorted(c["image_id"] for c in captions) == sorted(image_ids)
+    scores = json.loads((out / f"scores_{split}.json").read_text())
+    for name in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr"):
+        assert isinstance(scores[name], float) and 0.0 <= scores[name] <= 10.0
+    assert "METEOR" not in scores  # --no-meteor
+    assert scores["images"] == len(image_ids) and scores["split"] == split and scores["beam_size"] == beam_size
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("scripts")
+    config = _write_yaml(tmp / "tiny.yaml", TINY)
+    run = tmp / "run"
+    result = _script("train.py", "--config", config, "--set", f"train.out_dir={run}", "train.epochs=2", cwd=tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run, result
+
+
+def test_train_script_writes_a_run_folder(synthetic_run):
+    run, result = synthetic_run
+    for name in ("config.yaml", "vocab.json", "metrics.jsonl", "last.pt", "best.pt"):
+        assert (run / name).is_file(), name
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 2  # --set wins over the file
+    assert saved["model"]["hidden_dim"] == 32  # the file wins over the defaults
+    assert saved["train"]["out_dir"] == str(run)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and all("Bleu_4" in r["val"] for r in rows)
+    assert "done: best Bleu_4" in result.stdout.strip().splitlines()[-1]
+    assert not (run.parent / "runs").exists()
+
+
+def test_evaluate_script_writes_coco_results_and_scores(synthetic_run, tmp_path):
+    run, _ = synthetic_run
+    result = _script("evaluate.py", "--checkpoint", run / "best.pt", "--split", "test", "--beam-size", "2",
+                     "--no-meteor", "--num-workers", "0", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_evaluation(run, "test", list(range(TINY["data"]["num_test"])), beam_size=2)
+    assert "8 test images, beam 2" in result.stdout
+
+
+@pytest.mark.parametrize("where", ["set", "file"])
+def test_train_script_with_an_unknown_key_exits_with_one_line(tmp_path, where):
+    if where == "set":
+        config = _write_yaml(tmp_path / "tiny.yaml", TINY)
+        extra = ["--set", "train.lrr=1e-3"]
+        key = "train.lrr"
+    else:
+        config = _write_yaml(tmp_path / "tiny.yaml", {**TINY, "model": {**TINY["model"], "hiden_dim": 8}})
+        extra = []
+        key = "model.hiden_dim"
+    result = _script("train.py", "--config", config, *extra, "--set", f"train.out_dir={tmp_path / 'run'}",
+                     cwd=tmp_path)
+    _assert_clean_error(result, f"unknown config key '{key}'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_script_with_a_missing_checkpoint_exits_with_one_line(tmp_path):
+    missing = tmp_path / "nowhere" / "best.pt"
+    result = _script("evaluate.py", "--checkpoint", missing, "--no-meteor", "--device", "cpu", cwd=tmp_path)
+    _assert_clean_error(result, str(missing), "not found")
+
+
+def test_train_and_evaluate_on_a_coco_format_dataset(make_coco, tmp_path):
+    root = make_coco(tmp_path, split="train", n_images=6)
+    assert make_coco(tmp_path, split="val", n_images=4) == root
+    config = _write_yaml(tmp_path / "coco.yaml", {
+        "data": {**{k: v for k, v in TINY["data"].items() if not k.startswith(("num_", "synthetic"))},
+                 "dataset": "coco", "root": str(root), "year": 2017},
+        "model": TINY["model"],
+        "train": {**TINY["train"], "out_dir": str(tmp_path / "run")},
+    })
+    train_result = _script("train.py", "--config", config, cwd=tmp_path)
+    assert train_result.returncode == 0, train_result.stderr[-3000:]
+    vocab = json.loads((tmp_path / "run" / "vocab.json").read_text())["itos"]
+    assert "photo" in vocab and "table" in vocab
+
+    result = _script("evaluate.py", "--checkpoint", tmp_path / "run" / "best.pt", "--split", "val", "--beam-size", "2",
+                     "--no-meteor", "--num-workers", "0", "--device", "cpu", "--out", tmp_path / "eval", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    annotations = json.loads((root / "annotations" / "captions_val2017.json").read_text())
+    _check_evaluation(tmp_path / "eval", "val", [im["id"] for im in annotations["images"]], beam_size=2)

@@ -1,0 +1,329 @@
+"""Training runs on tiny synthetic data: checkpoints, the run folder, exact resume, the feature cache, NaN steps,
+and that a small model really learns the synthetic shapes."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from torch.utils.data import DataLoader
+
+from captioning import engine, training
+from captioning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from captioning.config import Config, load_config
+from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, build_source, build_vocab, collate_eval
+from captioning.data.features import cache_record, extract_features
+from captioning.decoding import decode
+from captioning.engine import caption_loss, evaluate
+from captioning.models import Captioner, load_model
+from captioning.training import train
+from captioning.vocab import Vocabulary
+
+
+class Payload:
+    """An arbitrary Python object: loading it needs pickle to run this module's code."""
+
+    def __init__(self):
+        self.note = "not a tensor"
+
+
+def _small(out_dir: Path, **overrides) -> Config:
+    """tiny_config with fewer images: 24 training images in batches of 8 (3 steps per epoch), 8 for validation."""
+    return tiny_config(out_dir, **{"data.num_train": 24, "data.num_val": 8, "train.batch_size": 8, **overrides})
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(checkpoint)["model"]
+
+
+def _assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        if atol:
+            torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+        else:
+            assert torch.equal(wa[key], wb[key]), f"{key} differs"
+
+
+def _metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("seconds")  # wall-clock time is the only thing allowed to differ
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+
+def test_checkpoint_round_trip(tmp_path):
+    state = {"model": {"w": torch.arange(6.0).view(2, 3)}, "config": {"train": {"lr": 1e-3}},
+             "progress": {"losses": [1.5, 2.0]}, "rng": {"torch": torch.get_rng_state()}}
+    save_checkpoint(state, tmp_path / "run" / "last.pt")
+    save_checkpoint(state, tmp_path / "run" / "last.pt")  # overwriting is fine
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["last.pt"]  # no temp files left behind
+    loaded = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert loaded["config"] == state["config"] and loaded["progress"] == state["progress"]
+    assert torch.equal(loaded["rng"]["torch"], state["rng"]["torch"])
+
+
+def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "extra": Payload()}, path)
+    with pytest.raises(CheckpointError, match="pickle") as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+def test_truncated_checkpoint_names_the_file(tmp_path, trained_checkpoint, keep):
+    data = trained_checkpoint.read_bytes()
+    path = tmp_path / "cut.pt"
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_or_foreign_checkpoint_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a captioning checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_load_model_rebuilds_the_same_model(tmp_path):
+    torch.manual_seed(0)
+    cfg = _small(tmp_path, **{"model.decoder": "attention", "model.cell": "gru", "model.num_layers": 2})
+    vocab = build_vocab(build_source(cfg.data, "train"), 1)
+    model = Captioner(cfg.model, vocab)
+    captions = torch.tensor([[1, 4, 5, 6, 2], [1, 7, 2, 0, 0]])
+    images = torch.randn(2, 3, 64, 64)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    logits, alphas = model(images, captions)
+    caption_loss(logits, captions, alphas).backward()
+    optimizer.step()  # weights that differ from any fresh initialisation
+    save_checkpoint({"config": cfg.to_dict(), "vocab": vocab.to_dict(), "model": model.state_dict()},
+                    tmp_path / "model.pt")
+
+    torch.manual_seed(123)
+    loaded, loaded_cfg = load_model(tmp_path / "model.pt")
+    assert loaded_cfg == cfg and loaded.vocab == vocab
+    assert not loaded.training
+    model.eval()
+    with torch.no_grad():
+        expected, got = model(images, captions), loaded(images, captions)
+        assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+        grid, pooled = model.encode(images)
+        want = decode(model.decoder, grid, pooled, beam_size=3, max_len=8)
+        have = decode(loaded.decoder, *loaded.encode(images), beam_size=3, max_len=8)
+    assert [h[0].tokens for h in want] == [h[0].tokens for h in have]
+
+
+def test_load_model_with_a_mismatching_vocabulary_is_refused(tmp_path, trained_checkpoint):
+    state = load_checkpoint(trained_checkpoint)
+    state["vocab"] = Vocabulary([*state["vocab"]["itos"], "zebra"]).to_dict()
+    save_checkpoint(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="weights do not match"):
+        load_model(tmp_path / "bad.pt")
+
+
+def test_rebuilt_model_reproduces_the_recorded_validation_scores(trained_checkpoint):
+    model, cfg = load_model(trained_checkpoint)
+    source = build_source(cfg.data, "val")
+    loader = DataLoader(EvalDataset(ImageLoader(source, Preprocess.for_encoder(model.encoder, cfg.data.image_size)),
+                                    len(source)), cfg.train.batch_size, collate_fn=collate_eval)
+    scores, predictions = evaluate(model, loader, [s.captions for s in source.samples], torch.device("cpu"),
+                                   cfg.train.val_beam_size, cfg.train.max_decode_len)
+    recorded = _metrics(trained_checkpoint.parent)[load_checkpoint(trained_checkpoint)["best"]["epoch"]]["val"]
+    assert len(predictions) == cfg.data.num_val
+    for name in ("Bleu_1", "Bleu_4", "CIDEr"):
+        assert scores[name] == pytest.approx(recorded[name], rel=1e-6, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------------- run folder
+
+def test_run_folder_contents(trained_checkpoint):
+    run = trained_checkpoint.parent
+    for name in ("config.yaml", "vocab.json", "metrics.jsonl", "last.pt", "best.pt"):
+        assert (run / name).is_file(), name
+    cfg = load_config(run / "config.yaml")
+    assert cfg == tiny_config(run)
+    state = load_checkpoint(run / "last.pt")
+    assert Config.from_dict(state["config"]) == cfg
+    assert Vocabulary.load(run / "vocab.json") == Vocabulary.from_dict(state["vocab"])
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == cfg.train.epochs == 1
+    row = json.loads(lines[0])
+    assert row["epoch"] == 0 and row["step"] == 3  # 48 images in batches of 16
+    assert 0.0 <= row["val"]["Bleu_4"] <= 1.0 and "CIDEr" in row["val"]
+    assert math.isfinite(row["train_loss"])
+    assert state["progress"]["epoch"] == 1 and state["progress"]["global_step"] == 3
+
+
+def test_new_run_in_a_used_folder_is_refused(trained_checkpoint):
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_config(trained_checkpoint.parent))
+
+
+# ----------------------------------------------------------------------------------------------------------- resume
+
+def test_resume_at_an_epoch_boundary_continues_the_run_exactly(tmp_path):
+    # Constant LR: a cosine schedule depends on train.epochs, which is what the resumed run changes.
+    settings = {"data.num_train": 16, "model.dropout": 0.3, "data.augment": True, "train.lr_schedule": "constant",
+                "train.lr": 3e-3}  # 2 steps per epoch
+    straight = train(_small(tmp_path / "straight", **{**settings, "train.epochs": 2}))
+    first = train(_small(tmp_path / "resumed", **{**settings, "train.epochs": 1}))
+    assert len(_metrics(first)) == 1
+    resumed = train(_small(tmp_path / "resumed", **{**settings, "train.epochs": 2}), resume=first / "last.pt")
+    assert resumed == first
+    _assert_same_weights(straight / "last.pt", resumed / "last.pt")
+    assert _metrics(straight) == _metrics(resumed)
+    assert load_checkpoint(resumed / "last.pt")["progress"]["global_step"] == 4
+
+
+_MID_EPOCH = {"data.num_train": 32, "train.epochs": 2, "train.save_every_steps": 2, "model.dropout": 0.3,
+              "data.augment": True, "train.scheduled_sampling": 0.5, "train.lr": 3e-3}  # 4 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory) -> Path:
+    return train(_small(tmp_path_factory.mktemp("mid_epoch") / "straight", **_MID_EPOCH))
+
+
+def _interrupt_at(monkeypatch, step: int, how: str) -> None:
+    """Make train() receive SIGTERM, or crash hard, right after global step `step`."""
+    real = training.train_one_epoch
+
+    def patched(*args):
+        *rest, on_step = args
+        progress = args[7]
+
+        def hooked() -> bool:
+            if progress.global_step == step:
+                if how == "sigterm":
+                    signal.raise_signal(signal.SIGTERM)
+                else:
+                    raise RuntimeError("simulated crash")
+            return on_step()
+
+        return real(*rest, hooked)
+
+    monkeypatch.setattr(training, "train_one_epoch", patched)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "crash"])
+def test_mid_epoch_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, uninterrupted_run, how):
+    cfg = _small(tmp_path / "run", **_MID_EPOCH)
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 3, how)
+        if how == "sigterm":  # the signal handler writes last.pt at step 3 and exits with 128 + SIGTERM
+            with pytest.raises(SystemExit) as info:
+                train(cfg)
+            assert info.value.code == 128 + signal.SIGTERM
+        else:  # a hard crash at step 3: the last checkpoint is the one save_every_steps=2 wrote at step 2
+            with pytest.raises(RuntimeError, match="simulated crash"):
+                train(cfg)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler was removed again
+    progress = load_checkpoint(tmp_path / "run" / "last.pt")["progress"]
+    assert (progress["epoch"], progress["step_in_epoch"]) == (0, 3 if how == "sigterm" else 2)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+    train(cfg, resume=tmp_path / "run" / "last.pt")
+    _assert_same_weights(uninterrupted_run / "last.pt", tmp_path / "run" / "last.pt")
+    assert _metrics(uninterrupted_run) == _metrics(tmp_path / "run")
+    final = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert final["progress"]["global_step"] == 8
+    assert float(final["optimizer"]["state"][0]["step"]) == 8
+
+
+# ---------------------------------------------------------------------------------------------------- feature cache
+
+def test_feature_cache_trains_the_same_model_as_the_encoder_in_the_loop(tmp_path):
+    cache = tmp_path / "features"
+    in_loop = train(_small(tmp_path / "in_loop"))
+    cached = train(_small(tmp_path / "cached", **{"data.feature_cache": str(cache), "data.feature_dtype": "float32"}))
+    for split, n in (("train", 24), ("val", 8)):
+        assert (cache / f"{split}.json").is_file()
+        assert np.load(cache / f"{split}.npy").shape == (n, 4, 512)
+    assert not list(cache.glob(".*tmp"))
+    _assert_same_weights(in_loop / "last.pt", cached / "last.pt", atol=1e-5)
+    a, b = _metrics(in_loop), _metrics(cached)
+    assert a[0]["val"]["Bleu_4"] == pytest.approx(b[0]["val"]["Bleu_4"], abs=1e-6)
+    assert a[0]["train_loss"] == pytest.approx(b[0]["train_loss"], abs=1e-5)
+
+
+_CACHED = {"data.num_train": 8, "data.num_val": 4, "data.feature_dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory) -> Path:
+    """A feature cache of the _CACHED settings, made the way train() makes it."""
+    folder = tmp_path_factory.mktemp("cache") / "features"
+    cfg = _small(folder.parent / "unused", **_CACHED, **{"data.feature_cache": str(folder)})
+    model = Captioner(cfg.model, Vocabulary.build([]))
+    preprocess = Preprocess.for_encoder(model.encoder, cfg.data.image_size)
+    for split in ("train", "val"):
+        source = build_source(cfg.data, split)
+        record = cache_record(cfg.model.encoder, cfg.model.encoder_weights, cfg.model.grid_size, preprocess, source,
+                              cfg.data.feature_dtype)
+        extract_features(model.encoder, source, preprocess, folder, split, record, torch.device("cpu"), 8, 0)
+    return folder
+
+
+@pytest.mark.parametrize("change, named", [({"data.image_size": 96}, "image_size"),
+                                           ({"model.encoder": "mobilenet_v2"}, "encoder"),
+                                           ({"data.feature_dtype": "float16"}, "dtype"),
+                                           ({"data.num_train": 16}, "num_images")])
+def test_feature_cache_made_with_other_settings_is_refused(tmp_path, feature_cache, change, named):
+    cfg = _small(tmp_path / "run", **{**_CACHED, "data.feature_cache": str(feature_cache), **change})
+    with pytest.raises(ValueError, match=f"was made with other settings.*'{named}'") as info:
+        train(cfg)
+    assert "delete the folder" in str(info.value)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_feature_cache_needs_a_frozen_encoder(tmp_path):
+    with pytest.raises(ValueError, match="frozen encoder"):
+        train(_small(tmp_path / "run", **{"data.feature_cache": str(tmp_path / "f"), "model.trainable_layers": 1}))
+
+
+# ------------------------------------------------------------------------------------------------------- NaN losses
+
+def _nan_on(monkeypatch, steps) -> None:
+    """Make caption_loss return NaN on the given (1-based) calls, or on every call when steps is None."""
+    real, calls = engine.caption_loss, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if steps is None or len(calls) in steps else loss
+
+    monkeypatch.setattr(engine, "caption_loss", flaky)
+
+
+def test_a_nan_loss_step_is_skipped_and_training_continues(tmp_path, monkeypatch, capsys):
+    _nan_on(monkeypatch, {2})
+    run = train(_small(tmp_path / "run", **{"train.epochs": 1}))
+    state = load_checkpoint(run / "last.pt")
+    assert state["progress"]["skipped_nonfinite"] == 1
+    assert state["progress"]["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert float(state["optimizer"]["state"][0]["step"]) == 2  # two real updates, the NaN step made none
+    (row,) = _metrics(run)
+    assert math.isfinite(row["train_loss"])
+    out = capsys.readouterr()
+    assert "loss is nan, step skipped" in out.out + out.err
+
+
+def test_a_loss_that_stays_nan_stops_training(tmp_path, monkeypatch):
+    _nan_on(monkeypatch, None)
+    with pytest.raises(FloatingPointError, match="more than 10 steps"):
+        train(_small(tmp_path / "run", **{"data.num_train": 48, "train.batch_size": 4}))  # 12 steps
