@@ -109,6 +109,8 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
             return None
         if t is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if t is float and isinstance(value, str) and _looks_numeric(value):
+            return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
         if t in (int, str, bool, float) and type(value) is t:
             return value
     names = " | ".join("null" if t is type(None) else t.__name__ for t in options)
@@ -139,8 +141,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.lr=1e-3")
         value = yaml.safe_load(raw) if raw else ""
-        if isinstance(value, str) and _looks_numeric(value):
-            value = float(value)  # YAML 1.1 reads "1e-3" as a string
         node = nested
         *parents, leaf = key.split(".")
         for p in parents:

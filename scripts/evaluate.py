@@ -32,7 +32,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (the slowest metric; needs Java)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override the checkpoint's data settings, e.g. data.root=/elsewhere/coco")
     p.add_argument("--out", help="folder for the captions and scores (default: the checkpoint's folder)")
     return p

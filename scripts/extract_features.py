@@ -19,7 +19,7 @@ from captioning.models.encoder import Encoder
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
     p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val", "test"])
     p.add_argument("--batch-size", type=int, default=64)
     return p

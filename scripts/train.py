@@ -18,7 +18,7 @@ from captioning.training import train
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file overriding the defaults in captioning/config.py")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. train.lr=1e-3 model.cell=gru (wins over the YAML file)")
     p.add_argument("--resume", metavar="CHECKPOINT",
                    help="continue the run saved in CHECKPOINT (usually RUN/last.pt) with its own config; "

@@ -162,3 +162,15 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_run")
     train(tiny_config(out / "run"))
     return out / "run" / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny CPU models: no slower alone, and far faster when other processes
+    compete for the cores (OpenMP threads otherwise spin-wait on each other). The previous count is restored."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -13,6 +13,8 @@ from captioning.decoding import beam_search, decode, sample_search
 from captioning.models.decoder import build_decoder
 from captioning.vocab import END_ID, PAD_ID, START_ID
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB_SIZE, FEATURES, N = 15, 24, 6
 
 
@@ -115,8 +117,8 @@ def test_batched_beam_search_equals_one_image_at_a_time(kind, beam_size):
     batched = beam_search(decoder, grid, pooled, beam_size=beam_size, max_len=12, n_best=beam_size)
     assert len(batched) == 4
     for i in range(4):
-        (alone,) = [hyps for hyps in beam_search(decoder, grid[i:i + 1], pooled[i:i + 1], beam_size=beam_size,
-                                                  max_len=12, n_best=beam_size)]
+        (alone,) = beam_search(decoder, grid[i:i + 1], pooled[i:i + 1], beam_size=beam_size, max_len=12,
+                               n_best=beam_size)
         assert [h.tokens for h in batched[i]] == [h.tokens for h in alone]
         for b, a in zip(batched[i], alone):
             assert b.score == pytest.approx(a.score, abs=1e-5)

@@ -15,6 +15,8 @@ from captioning.models.decoder import CaptionDecoder, ShowTellDecoder, build_dec
 from captioning.models.encoder import Encoder
 from captioning.vocab import END_ID, PAD_ID, SPECIALS, START_ID, Vocabulary
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = Vocabulary([*SPECIALS, "a", "red", "blue", "circle", "square", "left", "of"])
 FEATURES = 24  # channels of the fake encoder grid fed to decoders directly
 
@@ -193,6 +195,20 @@ def test_decoder_logits_shapes(kind, cell, num_layers):
     state, _ = decoder.init(grid, pooled)
     assert len(state) == (2 if cell == "lstm" else 1)
     assert all(s.shape == (num_layers, 3, 16) for s in state)
+
+
+@pytest.mark.parametrize("sample_prob", [0.0, 1.0])
+@pytest.mark.parametrize("kind", ["attention", "show_tell"])
+def test_captions_sharing_an_image_equal_repeating_the_image(kind, sample_prob):
+    torch.manual_seed(0)
+    decoder = build_decoder(_model_cfg(decoder=kind, num_layers=2), len(VOCAB), FEATURES).eval()
+    grid, pooled = _grid(batch=2)
+    image_index = torch.tensor([1, 0, 1])  # three captions of two images
+    shared = decoder(grid, pooled, _captions(), image_index, sample_prob=sample_prob)
+    repeated = decoder(grid[image_index], pooled[image_index], _captions(), sample_prob=sample_prob)
+    torch.testing.assert_close(shared[0], repeated[0], rtol=1e-5, atol=1e-6)
+    if kind == "attention":
+        torch.testing.assert_close(shared[1], repeated[1], rtol=1e-5, atol=1e-6)
 
 
 def test_attention_weights_sum_to_one_and_ignore_masked_positions():
