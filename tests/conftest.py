@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny datasets generated in tmp_path in the real on-disk formats (tests never read ../shared).
+"""Shared fixtures: tiny datasets generated in tmp_path in the real on-disk formats (no files from outside the repo).
 
 Each `make_*` fixture returns a function, so a test can build several datasets or variants in one tmp_path:
     def test_x(make_coco, tmp_path):
