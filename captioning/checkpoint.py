@@ -26,6 +26,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a checkpoint is an ordinary readable file
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)

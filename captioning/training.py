@@ -112,8 +112,7 @@ def _input_loaders(cfg: Config, model: Captioner, preprocess: Preprocess, train_
         raise ValueError("data.feature_cache needs a frozen encoder (model.trainable_layers=0)")
     loaders = []
     for split, source in (("train", train_src), ("val", val_src)):
-        record = cache_record(cfg.model.encoder, cfg.model.encoder_weights, cfg.model.grid_size, preprocess,
-                              source, cfg.data.feature_dtype)
+        record = cache_record(cfg, preprocess, source)
         folder = Path(cfg.data.feature_cache)
         if is_main() and not (folder / f"{split}.json").exists():
             extract_features(model.encoder, source, preprocess, folder, split, record, device,

@@ -38,7 +38,7 @@ def main(args: argparse.Namespace) -> None:
     preprocess = Preprocess.for_encoder(encoder, cfg.data.image_size)
     for split in args.splits:
         source = build_source(cfg.data, split)
-        record = cache_record(m.encoder, m.encoder_weights, m.grid_size, preprocess, source, cfg.data.feature_dtype)
+        record = cache_record(cfg, preprocess, source)
         path = extract_features(encoder, source, preprocess, cfg.data.feature_cache, split, record, device,
                                 args.batch_size, cfg.data.num_workers)
         mb = path.stat().st_size / 2**20

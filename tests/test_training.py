@@ -286,8 +286,7 @@ def feature_cache(tmp_path_factory) -> Path:
     preprocess = Preprocess.for_encoder(model.encoder, cfg.data.image_size)
     for split in ("train", "val"):
         source = build_source(cfg.data, split)
-        record = cache_record(cfg.model.encoder, cfg.model.encoder_weights, cfg.model.grid_size, preprocess, source,
-                              cfg.data.feature_dtype)
+        record = cache_record(cfg, preprocess, source)
         extract_features(model.encoder, source, preprocess, folder, split, record, torch.device("cpu"), 8, 0)
     return folder
 

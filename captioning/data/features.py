@@ -18,18 +18,18 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from captioning.config import Config
 from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, collate_eval
 from captioning.data.sources import CaptionSource
 from captioning.models.encoder import Encoder
 
 
-def cache_record(encoder_name: str, weights: str | None, grid_size: int, preprocess: Preprocess,
-                 source: CaptionSource, dtype: str) -> dict[str, Any]:
+def cache_record(cfg: Config, preprocess: Preprocess, source: CaptionSource) -> dict[str, Any]:
     """What makes features valid: backbone, weights, grid, preprocessing, and which images in which order."""
     ids = [str(s.image_id) for s in source.samples]
-    return {"encoder": encoder_name, "weights": weights, "grid_size": grid_size, "image_size": preprocess.size,
-            "mean": list(preprocess.mean), "std": list(preprocess.std), "dtype": dtype,
-            "num_images": len(ids), "first_ids": ids[:3], "last_ids": ids[-3:]}
+    return {"encoder": cfg.model.encoder, "weights": cfg.model.encoder_weights, "grid_size": cfg.model.grid_size,
+            "image_size": preprocess.size, "mean": list(preprocess.mean), "std": list(preprocess.std),
+            "dtype": cfg.data.feature_dtype, "num_images": len(ids), "first_ids": ids[:3], "last_ids": ids[-3:]}
 
 
 @torch.no_grad()
