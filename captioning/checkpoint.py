@@ -1,8 +1,14 @@
-"""Checkpoints: written atomically (temp file, fsync, rename), read back with weights_only=True."""
+"""Checkpoints: written atomically (temp file, fsync, rename), read back with weights_only=True.
+
+The temp file of a save to `dir/last.pt` is `dir/.last.pt.<pid>.<random>.tmp`: unique to its writer, and named after
+the process that writes it, so that a later save can tell a temp file whose writer was killed mid-save (SIGKILL,
+power loss) from one still being written, and delete it.
+"""
 
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import pickle
 import tempfile
@@ -20,7 +26,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write `state` so that `path` always holds either the previous complete file or the new complete file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -39,6 +45,30 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+    remove_stale_temps(path)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Delete the temp files that killed writers of checkpoint `path` left behind -> the files deleted.
+    A temp file whose writer is still running is left alone."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not (pid.isdigit() and _running(int(pid))):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

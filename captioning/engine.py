@@ -113,12 +113,16 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
 @torch.no_grad()
 def predict(model: Captioner, loader, device: torch.device, beam_size: int = 1, max_len: int = 20,
-            length_penalty: float = 0.0, amp: bool = True, desc: str = "decode") -> dict[int, str]:
+            length_penalty: float = 0.0, amp: bool = True, desc: str = "decode",
+            should_stop: Callable[[], bool] | None = None) -> dict[int, str]:
     """Decode every image of `loader` (items carry dataset indices) -> {index: caption}. Under torchrun each rank
-    decodes its shard and the results are gathered on every rank."""
+    decodes its shard and the results are gathered on every rank. `should_stop` is asked before every batch; once it
+    returns True (a signal arrived) decoding ends, with the captions of the images decoded so far."""
     model.eval()
     predictions: dict[int, str] = {}
     for batch in tqdm(loader, desc=desc, disable=not is_main(), leave=False, dynamic_ncols=True):
+        if should_stop is not None and should_stop():
+            break
         if not batch:
             continue
         with autocast(device, amp):

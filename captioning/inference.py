@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from time import monotonic
 
 import torch
 from PIL import Image
@@ -13,6 +14,7 @@ from captioning.data.datasets import Preprocess
 from captioning.decoding import decode
 from captioning.engine import autocast, resolve_device
 from captioning.models import Captioner, load_model
+from captioning.models.decoder import CaptionDecoder
 
 
 @dataclass
@@ -22,6 +24,27 @@ class Caption:
     words: list[str]
     nbest: list[tuple[str, float]]  # (caption, score), best first; the first is this caption
     attention: torch.Tensor | None  # (len(words), side, side) grid weights per word; None without attention
+
+
+def _check_deadline(deadline: float | None) -> None:
+    """Raise TimeoutError once time.monotonic() has reached `deadline` (None: no limit)."""
+    if deadline is not None and monotonic() >= deadline:
+        raise TimeoutError("captioning reached its deadline and was stopped")
+
+
+class _Deadlined:
+    """A decoder that checks the deadline before every step, so that a long beam search stops at the deadline instead
+    of running to its end; everything else is the decoder's own."""
+
+    def __init__(self, decoder: CaptionDecoder, deadline: float):
+        self.decoder, self.deadline = decoder, deadline
+
+    def __getattr__(self, name: str):
+        return getattr(self.decoder, name)
+
+    def step(self, *args, **kwargs):
+        _check_deadline(self.deadline)
+        return self.decoder.step(*args, **kwargs)
 
 
 class ImageCaptioner:
@@ -40,11 +63,14 @@ class ImageCaptioner:
 
     @torch.no_grad()
     def caption_batch(self, images: torch.Tensor, beam_size: int = 3, max_len: int = 20, n_best: int = 1,
-                      length_penalty: float = 0.0) -> list[Caption]:
-        """Preprocessed images (B, 3, H, W) -> one Caption per image."""
+                      length_penalty: float = 0.0, deadline: float | None = None) -> list[Caption]:
+        """Preprocessed images (B, 3, H, W) -> one Caption per image. With a `deadline` (a time.monotonic() reading)
+        the work stops with TimeoutError once it is reached: checked before encoding and before every decoder step."""
+        _check_deadline(deadline)
+        decoder = self.model.decoder if deadline is None else _Deadlined(self.model.decoder, deadline)
         with autocast(self.device):
             grid, pooled = self.model.encode(images.to(self.device, non_blocking=True))
-            hyps = decode(self.model.decoder, grid, pooled, beam_size, max_len, length_penalty, n_best)
+            hyps = decode(decoder, grid, pooled, beam_size, max_len, length_penalty, n_best)
         side = math.isqrt(grid.size(1))
         results = []
         for image_hyps in hyps:

@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from captioning.checkpoint import load_checkpoint, save_checkpoint
+from captioning.checkpoint import load_checkpoint, remove_stale_temps, save_checkpoint
 from captioning.config import Config, save_config
 from captioning.data.datasets import (
     EpochSampler,
@@ -33,7 +33,8 @@ from captioning.data.datasets import (
 from captioning.data.features import FeatureLoader, cache_record, extract_features
 from captioning.data.sources import CaptionSource
 from captioning.distributed import barrier, broadcast_object, cleanup, init_distributed, is_main
-from captioning.engine import StepState, evaluate, resolve_device, train_one_epoch
+from captioning.engine import StepState, predict, resolve_device, train_one_epoch
+from captioning.metrics import score_captions
 from captioning.models import Captioner
 from captioning.models.decoder import load_word_vectors
 from captioning.vocab import Vocabulary
@@ -184,6 +185,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
         vocab.save(out_dir / "vocab.json")
+        for name in ("last.pt", "best.pt"):
+            for tmp in remove_stale_temps(out_dir / name):
+                log.info("removed %s, the temp file of a save that was killed", tmp)
         log.info("%d training images, %d validation images, vocabulary of %d words, %s on %s (x%d)",
                  len(train_src), len(val_src), len(vocab), type(model.decoder).__name__, device, world)
 
@@ -214,8 +218,17 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                 log.warning("stopped by signal %d at epoch %d step %d; checkpoint %s (continue with --resume)",
                             stop.signal, progress.epoch, progress.step_in_epoch, out_dir / "last.pt")
                 raise SystemExit(128 + stop.signal)
-            scores, _ = evaluate(model, val_loader, val_refs, device, cfg.train.val_beam_size,
-                                 cfg.train.max_decode_len, amp=cfg.train.amp)
+            predictions = predict(model, val_loader, device, cfg.train.val_beam_size, cfg.train.max_decode_len,
+                                  amp=cfg.train.amp, should_stop=lambda: stop.signal is not None)
+            if stop.signal is not None:
+                # The epoch's training is done and its validation is not: that is the state saved, so --resume
+                # trains no more of this epoch and validates it from the start.
+                checkpoint(out_dir / "last.pt")
+                log.warning("stopped by signal %d while validating epoch %d (%d of %d images decoded); checkpoint %s "
+                            "(continue with --resume)", stop.signal, progress.epoch, len(predictions), len(val_ds),
+                            out_dir / "last.pt")
+                raise SystemExit(128 + stop.signal)
+            scores = score_captions({i: val_refs[i] for i in predictions}, predictions, meteor=False)
             score = scores[cfg.train.select_metric]
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(score)

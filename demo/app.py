@@ -3,14 +3,20 @@
     python demo/app.py                               # the newest quick-start model (runs/quickstart/*/best.pt)
     python demo/app.py --checkpoint path/to/best.pt --port 7860
     python demo/app.py --share                       # also a temporary public gradio.live link
+    python demo/app.py --timeout 20                  # stop a caption that takes longer than 20 s
 
-Serves on 127.0.0.1 only, unless --host says otherwise; --share is the only way to a public link.
+Serves on 127.0.0.1 only, unless --host says otherwise; --share is the only way to a public link. Two captions are
+computed at a time and 64 more may wait; each is stopped after --timeout seconds of work, with a message on the page,
+so that a slow request (a wide beam on a busy machine) cannot hold a worker for long.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import html
+import sys
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -27,6 +33,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parent / "examples").glob("*.png"))
 NO_MODEL = ("No captioning model is loaded. Train the quick-start model with `bash scripts/quickstart.sh` "
             "(a few minutes on a CPU), or start the demo with `python demo/app.py --checkpoint PATH`.")
 MAX_FILE_SIZE = "10mb"
+TIMEOUT = 60.0  # seconds of work per caption
 THEME = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
 CSS = """
 #caption { min-height: 5.5rem; }
@@ -37,6 +44,25 @@ CSS = """
 #attention .fixed-height { min-height: 0; max-height: none; }  /* as tall as its rows of heat maps */
 """
 EMPTY_CAPTION = '<div class="caption-empty">Upload a photo or pick an example: its caption appears here.</div>'
+
+# glibc gives each thread that allocates its own heap ("arena") and keeps what is freed there for reuse. Requests run
+# on a pool of worker threads, so bursts of up to 32 users (scripts/load_test_demo.py) left the server 147 MiB above
+# its warmed-up size for good. One heap for the process and a trim after each request hand those pages back: 35 MiB.
+M_ARENA_MAX = -8  # mallopt's option number, from glibc's <malloc.h>
+
+
+def _glibc() -> ctypes.CDLL | None:
+    libc = ctypes.CDLL(None) if sys.platform == "linux" else None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # musl has no malloc_trim
+
+
+GLIBC = _glibc()
+
+
+def return_freed_memory() -> None:
+    """Give the heap pages freed by a request (its tensors, images, files) back to the system; glibc only."""
+    if GLIBC is not None:
+        GLIBC.malloc_trim(0)
 
 
 def newest_checkpoint(runs: Path = REPO / "runs" / "quickstart") -> Path | None:
@@ -54,13 +80,16 @@ def problem_html(message: str) -> str:
     return f'<div class="caption-problem">{html.escape(message)}</div>'
 
 
-def describe_photo(captioner: ImageCaptioner | None, path: str | None, beam_size: int, max_len: int
+def describe_photo(captioner: ImageCaptioner | None, path: str | None, beam_size: int, max_len: int,
+                   timeout: float | None = None
                    ) -> tuple[Image.Image | None, str, list[list], list[tuple[Image.Image, str]]]:
     """An image file -> (the photo, caption HTML, n-best rows, per-word heat maps).
 
     A file that is not a usable image gives a readable message in the caption area (and a warning toast), never
-    a traceback; so does a page without a model.
+    a traceback; so do a page without a model and a caption that is still not done after `timeout` seconds (it is
+    stopped then, which frees its worker for the next request).
     """
+    deadline = None if timeout is None else time.monotonic() + timeout
     if captioner is None:
         return None, problem_html(NO_MODEL), [], []
     if not path:
@@ -72,14 +101,22 @@ def describe_photo(captioner: ImageCaptioner | None, path: str | None, beam_size
                    "WebP or other common image file.")
         gr.Warning(html.escape(message))
         return None, problem_html(message), [], []
-    (caption,) = captioner.caption([photo], beam_size=beam_size, max_len=max_len, n_best=beam_size)
+    try:
+        (caption,) = captioner.caption([photo], beam_size=beam_size, max_len=max_len, n_best=beam_size,
+                                       deadline=deadline)
+    except TimeoutError:
+        message = (f"Captioning took longer than {timeout:g} s and was stopped. Try a smaller beam size or max length, "
+                   "or try again when the demo is less busy.")
+        gr.Warning(html.escape(message))
+        return None, problem_html(message), [], []
     rows = [[rank, text, round(score, 3)] for rank, (text, score) in enumerate(caption.nbest, 1)]
     maps = word_overlays(photo, caption.words, caption.attention) if caption.attention is not None else []
     return photo, caption_html(caption.text, caption.score), rows, maps
 
 
-def build_app(model: ImageCaptioner | str | Path | None) -> gr.Blocks:
-    """The demo page for a captioner (or the checkpoint to load one from); None shows how to get a model."""
+def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None = TIMEOUT) -> gr.Blocks:
+    """The demo page for a captioner (or the checkpoint to load one from); None shows how to get a model. A caption
+    is stopped after `timeout` seconds of work (None: never)."""
     captioner = ImageCaptioner.from_checkpoint(model) if isinstance(model, (str, Path)) else model
     with gr.Blocks(title="Image captioning demo", analytics_enabled=False) as app:
         gr.Markdown("# Image captioning\nA CNN encoder looks at the photo and an LSTM decoder writes a caption word "
@@ -120,7 +157,10 @@ def build_app(model: ImageCaptioner | str | Path | None) -> gr.Blocks:
         outputs = [photo, caption, nbest, gallery]
 
         def run(path: str | None, beam_size: float, length: float):
-            return describe_photo(captioner, path, int(beam_size), int(length))
+            try:
+                return describe_photo(captioner, path, int(beam_size), int(length), timeout)
+            finally:
+                return_freed_memory()
 
         def pick_example(evt: gr.SelectData) -> tuple[str, None]:
             return str(EXAMPLES[evt.index]), None
@@ -135,7 +175,9 @@ def build_app(model: ImageCaptioner | str | Path | None) -> gr.Blocks:
 
 def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
           prevent_thread_lock: bool = False) -> None:
-    """Launch with the demo's limits: uploads up to MAX_FILE_SIZE, its theme and style."""
+    """Launch with the demo's limits: uploads up to MAX_FILE_SIZE, one malloc heap, its theme and style."""
+    if GLIBC is not None:
+        GLIBC.mallopt(M_ARENA_MAX, 1)  # before the server starts its worker threads
     app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE, theme=THEME, css=CSS,
                prevent_thread_lock=prevent_thread_lock)
 
@@ -146,6 +188,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves every network interface")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="create a temporary public link through gradio.live")
+    p.add_argument("--timeout", type=float, default=TIMEOUT,
+                   help="seconds of work one caption may take before it is stopped with a message on the page")
     return p
 
 
@@ -154,7 +198,7 @@ def main(args: argparse.Namespace) -> None:
     if checkpoint is None:
         print(f"warning: {NO_MODEL}")
     try:
-        app = build_app(checkpoint)
+        app = build_app(checkpoint, args.timeout)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     serve(app, args.host, args.port, args.share)

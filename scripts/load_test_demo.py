@@ -267,8 +267,9 @@ def report(client_class, url: str, proc: subprocess.Popen | None, images: list[P
     problem = caption_once(probe, calls, str(images[0]), args.level_timeout)  # warm-up, not counted
     if problem is not None:
         raise SystemExit(f"error: the warm-up request failed: {problem}")
+    warm = memory()  # the first request loads code and kernels for good: the base that bursts should return to
     print(f"demo {url}  calls {calls.description}  {len(images)} images  beam {args.beam_size}  "
-          f"max_len {args.max_len}  server RSS at start {base}, after warm-up {memory()}")
+          f"max_len {args.max_len}  server RSS at start {base}, after warm-up {warm}")
     print(f"{'users':>5} {'requests':>8} {'errors':>6} {'p50 s':>7} {'p95 s':>7} {'req/s':>7}  server RSS")
     total, failed = 0, 0
     peak = [0.0]
@@ -301,8 +302,9 @@ def report(client_class, url: str, proc: subprocess.Popen | None, images: list[P
     sampling.set()
     time.sleep(args.settle)
     probe.close()
-    memory_note = (f"; server RSS {base} at start, {peak[0]:.0f} MiB at most, {' / '.join(after_pass)} after each "
-                   f"pass, {memory()} {args.settle:.0f} s after the last" if proc is not None else
+    memory_note = (f"; server RSS {base} at start, {warm} after warm-up, {peak[0]:.0f} MiB at most, "
+                   f"{' / '.join(after_pass)} after each pass, {memory()} {args.settle:.0f} s after the last"
+                   if proc is not None else
                    " (server memory is measured only with --start)")
     print(f"summary: {total} requests at {'/'.join(map(str, args.concurrency))} users x {args.passes} passes, "
           f"{failed} errors{memory_note}")

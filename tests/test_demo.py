@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import sync_playwright
 
+from captioning import inference
 from captioning.data.sources import open_image
 from captioning.data.synthetic import SyntheticShapes
 from captioning.inference import ImageCaptioner
@@ -53,6 +54,33 @@ def test_handler_captions_a_photo_and_explains_bad_files(captioner, files):
             photo, html, rows, maps = demo.describe_photo(captioner, str(files[name]), 3, 20)
         assert photo is None and rows == [] and maps == [] and 'class="caption-problem"' in html and reason in html
     assert demo.describe_photo(captioner, None, 3, 20)[1] == demo.EMPTY_CAPTION
+
+
+def test_a_caption_past_the_time_limit_is_stopped_with_a_message(captioner, files):
+    with pytest.warns(UserWarning, match="took longer than 0 s"):
+        photo, html, rows, maps = demo.describe_photo(captioner, str(files["photo"]), 3, 20, timeout=0)
+    assert photo is None and rows == [] and maps == []
+    assert 'class="caption-problem"' in html and "smaller beam size" in html
+    assert demo.get_args_parser().parse_args(["--timeout", "5"]).timeout == 5
+
+
+def test_a_deadline_stops_beam_search_at_the_next_step(captioner, files, monkeypatch):
+    steps = []
+    decoder_class, step = type(captioner.model.decoder), type(captioner.model.decoder).step
+
+    def counted_step(self, *args):
+        steps.append(1)
+        return step(self, *args)
+
+    monkeypatch.setattr(decoder_class, "step", counted_step)
+    monkeypatch.setattr(inference, "monotonic", lambda: float(len(steps)))  # a clock that ticks once a step
+    photo = open_image(files["photo"])
+    captioner.caption([photo], beam_size=3, max_len=20)
+    assert len(steps) > 3  # without a deadline
+    steps.clear()
+    with pytest.raises(TimeoutError):
+        captioner.caption([photo], beam_size=3, max_len=20, deadline=3.0)
+    assert len(steps) == 3
 
 
 def test_without_a_model_the_page_says_how_to_get_one(tmp_path):

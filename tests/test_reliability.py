@@ -9,9 +9,11 @@ import errno
 import html
 import importlib.util
 import io
+import json
 import logging
 import os
 import random
+import re
 import signal
 import struct
 import subprocess
@@ -141,6 +143,41 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path):
     assert progress["global_step"] > 0 and (progress["step_in_epoch"] > 0 or progress["epoch"] > 0)
 
 
+# 6 training steps (the last of 4 images), then validation over 32 batches (256 images, beam 5, 20 words): a signal
+# sent once validation's progress bar shows arrives while it runs (it has a second or more left on an idle machine).
+LONG_VALIDATION = {"data.num_train": 44, "train.batch_size": 8, "data.num_val": 256, "train.val_beam_size": 5,
+                   "train.max_decode_len": 20}
+
+
+def test_sigterm_during_validation_stops_it_and_resume_validates_that_epoch(tmp_path):
+    cfg = tiny_config(tmp_path / "run", **LONG_VALIDATION)  # one epoch
+    save_config(cfg, tmp_path / "run.yaml")
+    last = tmp_path / "run" / "last.pt"
+    proc, log = _start_training(["--config", str(tmp_path / "run.yaml")], tmp_path, "run")
+    _wait_until(proc, lambda: b"decode:" in log.read_bytes(), log)  # the validation progress bar is up
+    proc.send_signal(signal.SIGTERM)
+
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, "validation ran to its end before stopping"
+    output = log.read_text(errors="replace")
+    assert "--resume" in output and "Traceback" not in output
+    decoded = re.search(r"while validating epoch 0 \((\d+) of 256 images decoded\)", output)
+    assert decoded and int(decoded[1]) < 256, output[-2000:]  # it stopped before the end of validation
+    progress = load_checkpoint(last)["progress"]
+    assert (progress["epoch"], progress["step_in_epoch"], progress["global_step"]) == (0, 6, 6)  # trained, unscored
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "best.pt").exists()
+
+    resumed = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--resume", str(last)], capture_output=True,
+                             text=True, env=CHILD_ENV, cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with _torch_threads(1):
+        reference = train(tiny_config(tmp_path / "reference", **LONG_VALIDATION))
+    got, want = (json.loads((run / "metrics.jsonl").read_text()) for run in (tmp_path / "run", reference))
+    assert got.pop("train_loss") == pytest.approx(want.pop("train_loss"), abs=1e-6)
+    del got["seconds"], want["seconds"]
+    assert got == want  # the same epoch, steps, learning rate and validation scores as a run never stopped
+    assert (tmp_path / "run" / "best.pt").exists()
+
+
 # ------------------------------------------------------------------------------------------ checkpoint files
 
 
@@ -209,6 +246,29 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, name, 
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temp file left behind
     monkeypatch.undo()
     torch.testing.assert_close(load_checkpoint(path)["model"]["w"], torch.arange(10.0))
+
+
+def test_a_temp_file_left_by_a_save_killed_midway_is_removed_by_the_next_save(tmp_path):
+    path = tmp_path / "last.pt"
+    killed_mid_save = f"""
+import os, signal, torch
+from captioning.checkpoint import save_checkpoint
+def dies_mid_write(obj, f, *args, **kwargs):
+    f.write(bytes(4096))
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = dies_mid_write
+save_checkpoint({{"model": {{}}}}, {str(path)!r})
+"""
+    child = subprocess.run([sys.executable, "-c", killed_mid_save], env=CHILD_ENV, cwd=REPO, timeout=120)
+    assert child.returncode == -signal.SIGKILL
+    (stale,) = tmp_path.glob(".last.pt.*.tmp")
+    in_flight = tmp_path / f".last.pt.{os.getpid()}.x.tmp"  # as if another thread of this process were saving
+    in_flight.write_bytes(b"")
+
+    save_checkpoint({"model": {"w": torch.ones(3)}}, path)
+    assert not stale.exists() and in_flight.exists()
+    torch.testing.assert_close(load_checkpoint(path)["model"]["w"], torch.ones(3))
 
 
 def test_full_disk_is_reported_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -166,5 +166,5 @@ class EpochSampler(Sampler[int]):
         return iter(order[self.rank::self.world_size][self.skip:].tolist())
 
     def __len__(self) -> int:
-        return self.per_rank - self.skip
+        return max(0, self.per_rank - self.skip)  # skip overshoots by a partial last batch: the epoch is done
 
