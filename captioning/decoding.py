@@ -48,7 +48,9 @@ def sample_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Ten
         if temperature is None:
             words = logp.argmax(-1)
         else:
-            words = torch.multinomial(logp.exp(), 1).squeeze(1)
+            # softmax renormalises over the words that may be produced: at a low temperature exp(logp) underflows to
+            # zero everywhere when <pad> or <start> held the probability mass
+            words = torch.multinomial(logp.softmax(-1), 1).squeeze(1)
         scores += logp.gather(1, words.unsqueeze(1)).squeeze(1)
         tokens.append(words)
         alphas.append(alpha)

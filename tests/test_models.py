@@ -187,9 +187,11 @@ def test_decoder_logits_shapes(kind, cell, num_layers):
     logits, alphas = decoder(grid, pooled, captions)
     assert logits.shape == (3, captions.size(1) - 1, len(VOCAB))
     assert torch.isfinite(logits).all()
+    words = captions[:, 1:] != PAD_ID  # (3, T-1): positions with a word to predict
+    assert (logits[~words] == 0).all() and (logits[words] != 0).any(-1).all()  # padding is never computed
     if kind == "attention":
         assert alphas.shape == (3, captions.size(1) - 1, 5)
-        torch.testing.assert_close(alphas.sum(-1), torch.ones(3, captions.size(1) - 1))
+        torch.testing.assert_close(alphas.sum(-1), words.float())
     else:
         assert alphas is None
     state, _ = decoder.init(grid, pooled)
@@ -256,14 +258,15 @@ def test_show_tell_fast_path_equals_stepping(cell, num_layers):
     grid, pooled = _grid()
     captions = _captions()
     fast, _ = decoder(grid, pooled, captions)
-    # Word by word through decoder.step, feeding the reference words.
+    words = captions[:, 1:] != PAD_ID
+    # Word by word through decoder.step, feeding the reference words (compared where there is a word to predict).
     state, memory = decoder.init(grid, pooled)
     stepped = []
     for t in range(captions.size(1) - 1):
         logits, state, alpha = decoder.step(captions[:, t], state, memory)
         assert alpha is None
         stepped.append(logits)
-    torch.testing.assert_close(fast, torch.stack(stepped, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[words], torch.stack(stepped, 1)[words], rtol=1e-5, atol=1e-5)
     # ... and the generic teacher-forcing loop of the base class gives the same.
     torch.testing.assert_close(fast, CaptionDecoder.forward(decoder, grid, pooled, captions)[0], rtol=1e-5, atol=1e-5)
 
@@ -288,7 +291,8 @@ def test_scheduled_sampling_feeds_the_models_own_words(kind):
         logits, state, _ = decoder.step(words, state, memory)
         free.append(logits)
         words = logits.argmax(-1)
-    torch.testing.assert_close(sampled, torch.stack(free, 1))
+    words = captions[:, 1:] != PAD_ID
+    torch.testing.assert_close(sampled[words], torch.stack(free, 1)[words])
     if kind == "attention":
         assert alphas.shape == (3, captions.size(1) - 1, 5)
     # A partial probability runs too and is reproducible for a fixed seed.

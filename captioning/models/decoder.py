@@ -1,9 +1,10 @@
 """Recurrent caption decoders sharing one step function.
 
-`init(grid, pooled)` turns encoder output into the recurrent state and a per-image memory; `step(words, state,
-memory)` advances one word. Training, greedy, sampling and beam search all go through `step`; Show and Tell also
-has an equivalent whole-sequence fast path for teacher forcing. State tensors are (layers, B, H); memory tensors
-are (B, ...) and never change during decoding, so beam search only expands them once.
+`init(grid, pooled)` turns encoder output into the recurrent state and a per-image memory; `hidden_step(words,
+state, memory)` advances one word and `step` adds the output layer. Training, greedy, sampling and beam search all
+go through them; Show and Tell also has an equivalent whole-sequence fast path for teacher forcing. State tensors
+are (layers, B, H); memory tensors are (B, ...) and never change during decoding, so beam search only expands them
+once.
 """
 
 from __future__ import annotations
@@ -34,19 +35,10 @@ class CaptionDecoder(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_dim, vocab_size)
 
-    def run_rnn(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """x (B, T, I) -> outputs (B, T, H), new state."""
-        if x.size(1) == 1:
-            return self._run_one_step(x[:, 0], state)
-        if self.cell == "lstm":
-            out, (h, c) = self.rnn(x, state)
-            return out, (h, c)
-        out, h = self.rnn(x, state[0])
-        return out, (h,)
-
-    def _run_one_step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """One time step with the cell ops and the same weights: on CPU nn.LSTM's oneDNN path re-packs its weights
-        on every call (~20 ms whatever the batch), which dominated step-by-step decoding."""
+    def run_cell(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One time step, x (B, I) -> top output (B, H), new state. Uses the cell ops with nn.LSTM's weights: on CPU
+        nn.LSTM's oneDNN path re-packs its weights on every call (~20 ms whatever the batch), which dominated
+        step-by-step decoding."""
         inp, hs, cs = x, [], []
         for layer in range(self.num_layers):
             w = [getattr(self.rnn, f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
@@ -61,36 +53,69 @@ class CaptionDecoder(nn.Module):
             last = layer == self.num_layers - 1
             inp = h if last else F.dropout(h, self.rnn.dropout, self.training)  # as nn.LSTM: between layers only
         new_state = (torch.stack(hs), torch.stack(cs)) if self.cell == "lstm" else (torch.stack(hs),)
-        return inp.unsqueeze(1), new_state
+        return inp, new_state
 
     def init(self, grid: torch.Tensor, pooled: torch.Tensor) -> tuple[State, Memory]:
+        raise NotImplementedError
+
+    def hidden_step(self, words: torch.Tensor, state: State, memory: Memory
+                    ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+        """words (B,) -> top hidden output (B, H), new state, attention weights (B, N) or None."""
         raise NotImplementedError
 
     def step(self, words: torch.Tensor, state: State, memory: Memory
              ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         """words (B,) -> logits (B, V), new state, attention weights (B, N) or None."""
-        raise NotImplementedError
+        out, state, alpha = self.hidden_step(words, state, memory)
+        return self.out(self.dropout(out)), state, alpha
+
+    def output_logits(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """hidden (R, T, H), targets (R, T) -> logits (R, T, V), computed only where the target is a word; padding
+        positions stay zero (the loss ignores them), which spares the largest matrix product a third of its work."""
+        valid = targets != PAD_ID  # (R, T)
+        words = self.out(self.dropout(hidden[valid]))  # (n_valid, V)
+        logits = words.new_zeros(*targets.shape, words.size(-1))
+        logits[valid] = words
+        return logits
 
     def forward(self, grid: torch.Tensor, pooled: torch.Tensor, captions: torch.Tensor,
                 image_index: torch.Tensor | None = None, sample_prob: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher forcing: B images, captions (R, T) starting with <start>, image_index (R,) naming each caption's
         image (None: R == B, one each) -> logits (R, T-1, V) predicting captions[:, 1:], attention (R, T-1, N) or
-        None. With sample_prob > 0 (scheduled sampling) each input word is replaced by the model's own previous
-        prediction with that probability."""
-        state, memory = select_rows(*self.init(grid, pooled), image_index)
-        words = captions[:, 0]
-        logits, alphas = [], []
-        for t in range(captions.size(1) - 1):
-            step_logits, state, alpha = self.step(words, state, memory)
-            logits.append(step_logits)
-            alphas.append(alpha)
-            words = captions[:, t + 1]
+        None; both are zero where the target is padding. With sample_prob > 0 (scheduled sampling) each input word
+        is replaced by the model's own previous prediction with that probability.
+
+        Captions run longest first and each step only advances the captions that still have words to predict, so
+        padding costs nothing (Show, Attend and Tell's decode lengths)."""
+        R, T = captions.size(0), captions.size(1) - 1
+        if image_index is None:
+            image_index = torch.arange(R, device=captions.device)
+        lengths = (captions[:, 1:] != PAD_ID).sum(1)  # (R,) words to predict
+        order = lengths.argsort(descending=True, stable=True)
+        running = (lengths[order].unsqueeze(0) > torch.arange(T, device=captions.device).unsqueeze(1)).sum(1)
+        state, memory = select_rows(*self.init(grid, pooled), image_index[order])
+        sorted_captions = captions[order]
+        words = sorted_captions[:, 0]
+        outs, alphas = [], []
+        for t, n in enumerate(running.tolist()):  # n: captions still running at step t (one host sync in all)
+            if n == 0:
+                break
+            state, memory, words = tuple(s[:, :n] for s in state), tuple(m[:n] for m in memory), words[:n]
+            out, state, alpha = self.hidden_step(words, state, memory)  # (n, H)
+            outs.append(F.pad(out, (0, 0, 0, R - n)))
+            alphas.append(None if alpha is None else F.pad(alpha, (0, 0, 0, R - n)))
+            words = sorted_captions[:n, t + 1]
             if sample_prob > 0:
-                own = step_logits.detach().argmax(-1)
+                with torch.no_grad():
+                    own = self.out(self.dropout(out)).argmax(-1)
                 words = torch.where(torch.rand_like(words, dtype=torch.float) < sample_prob, own, words)
-        alpha_seq = torch.stack(alphas, 1) if alphas[0] is not None else None
-        return torch.stack(logits, 1), alpha_seq
+        hidden = F.pad(torch.stack(outs, 1), (0, 0, 0, T - len(outs)))  # (R, T, H)
+        unsort = order.argsort()
+        logits = self.output_logits(hidden, sorted_captions[:, 1:])[unsort]
+        if alphas[0] is None:
+            return logits, None
+        return logits, F.pad(torch.stack(alphas, 1), (0, 0, 0, T - len(alphas)))[unsort]
 
 
 class ShowTellDecoder(CaptionDecoder):
@@ -106,54 +131,60 @@ class ShowTellDecoder(CaptionDecoder):
         return (h, h.clone()) if self.cell == "lstm" else (h,)
 
     def init(self, grid: torch.Tensor, pooled: torch.Tensor) -> tuple[State, Memory]:
-        image = self.image_proj(pooled).unsqueeze(1)  # (B, 1, E)
-        _, state = self.run_rnn(image, self._zero_state(pooled.size(0), image))
+        image = self.image_proj(pooled)  # (B, E)
+        _, state = self.run_cell(image, self._zero_state(pooled.size(0), image))
         return state, ()
 
-    def step(self, words, state, memory):
-        out, state = self.run_rnn(self.embed(words).unsqueeze(1), state)  # (B, 1, H)
-        return self.out(self.dropout(out.squeeze(1))), state, None
+    def hidden_step(self, words, state, memory):
+        out, state = self.run_cell(self.embed(words), state)  # (B, H)
+        return out, state, None
 
     def forward(self, grid, pooled, captions, image_index=None, sample_prob=0.0):
         if sample_prob > 0:
             return super().forward(grid, pooled, captions, image_index, sample_prob)
-        # Whole sequence in one cuDNN call: [image, <start>, w1, ...] -> outputs from position 1 on.
+        # Whole sequences in one packed cuDNN call: [image, <start>, w1, ...] -> outputs from position 1 on.
         image = self.image_proj(pooled).unsqueeze(1)  # (B, 1, E)
         if image_index is not None:
             image = image[image_index]  # (R, 1, E)
         x = torch.cat([image, self.embed(captions[:, :-1])], dim=1)  # (R, T, E)
-        out, _ = self.run_rnn(x, self._zero_state(image.size(0), image))
-        return self.out(self.dropout(out[:, 1:])), None  # (R, T-1, V)
+        lengths = (captions[:, 1:] != PAD_ID).sum(1) + 1  # the image, then the words that predict a word
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        state = self._zero_state(image.size(0), image)
+        out, _ = self.rnn(packed, state if self.cell == "lstm" else state[0])
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.size(1))  # (R, T, H)
+        return self.output_logits(out[:, 1:], captions[:, 1:]), None  # (R, T-1, V)
 
 
 class AttentionDecoder(CaptionDecoder):
     """Xu et al. 2015 (soft attention): at each step the decoder attends over the grid with its top hidden state,
-    gates the context with a learned scalar, and reads [word embedding; context]. h and c start from the mean
-    feature."""
+    gates the context with a learned scalar, and reads [word embedding; context]. The grid is first mapped into the
+    word-embedding space (LayerNorm, linear, ReLU, dropout: backbones differ wildly in feature scale and width), which
+    makes every step's attention and LSTM input several times cheaper than attending over the raw 1280-2048
+    channels. h and c start from the mean of the mapped grid."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, feature_dim: int):
-        super().__init__(cfg, vocab_size, input_dim=cfg.embed_dim + feature_dim)
-        self.attention = AdditiveAttention(feature_dim, cfg.hidden_dim, cfg.attention_dim)
+        super().__init__(cfg, vocab_size, input_dim=2 * cfg.embed_dim)
+        self.project = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, cfg.embed_dim), nn.ReLU(),
+                                     nn.Dropout(cfg.dropout))
+        self.attention = AdditiveAttention(cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim)
         self.gate = nn.Linear(cfg.hidden_dim, 1)
-        self.norm = nn.LayerNorm(feature_dim)
         n_init = 2 if cfg.cell == "lstm" else 1
-        self.init_state = nn.Linear(feature_dim, n_init * cfg.num_layers * cfg.hidden_dim)
+        self.init_state = nn.Linear(cfg.embed_dim, n_init * cfg.num_layers * cfg.hidden_dim)
 
     def init(self, grid, pooled):
         B = pooled.size(0)
-        grid = self.norm(grid)  # backbones differ wildly in feature scale; this keeps tanh/attention out of saturation
+        grid = self.project(grid)  # (B, N, E)
         s = torch.tanh(self.init_state(grid.mean(1)))  # (B, n_init * L * H)
         s = s.view(B, -1, self.num_layers, self.hidden_dim).permute(1, 2, 0, 3).contiguous()  # (n_init, L, B, H)
         return tuple(s.unbind(0)), (grid, self.attention.project_keys(grid))
 
-    def step(self, words, state, memory):
+    def hidden_step(self, words, state, memory):
         grid, keys = memory
         h_top = state[0][-1]  # (B, H)
-        context, alpha = self.attention(keys, grid, h_top)  # (B, C), (B, N)
+        context, alpha = self.attention(keys, grid, h_top)  # (B, E), (B, N)
         context = torch.sigmoid(self.gate(h_top)) * context
-        x = torch.cat([self.embed(words), context], dim=-1).unsqueeze(1)  # (B, 1, E + C)
-        out, state = self.run_rnn(x, state)
-        return self.out(self.dropout(out.squeeze(1))), state, alpha
+        out, state = self.run_cell(torch.cat([self.embed(words), context], dim=-1), state)  # (B, H)
+        return out, state, alpha
 
 
 def select_rows(state: State, memory: Memory, index: torch.Tensor | None) -> tuple[State, Memory]:
