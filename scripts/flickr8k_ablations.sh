@@ -7,9 +7,9 @@
 #       bash scripts/flickr8k_ablations.sh
 #
 # Each variant trains EPOCHS epochs (default 2, the cosine schedule shortened to match) from the shared feature
-# cache into runs/ablations/<variant>/; the last line prints every finished variant's best dev BLEU-4 and CIDEr
-# (greedy decoding, as in the per-epoch validation). finetune_top trains MobileNetV2's last two stages, so it runs the
-# encoder in the loop on the JPEGs (no cache) and is several times slower than the others.
+# cache into runs/ablations/<variant>/; the last lines print each variant's dev BLEU-4 and CIDEr at its best-CIDEr
+# epoch (greedy decoding, as in the per-epoch validation). finetune_top trains MobileNetV2's last two stages, so it
+# runs the encoder in the loop on the JPEGs (no cache) and is several times slower than the others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -51,6 +51,6 @@ done
 import json, sys
 for name in sys.argv[1:]:
     rows = [json.loads(line)["val"] for line in open(f"runs/ablations/{name}/metrics.jsonl")]
-    best = max(rows, key=lambda v: v["Bleu_4"])
+    best = max(rows, key=lambda v: v["CIDEr"])  # the configs select checkpoints on CIDEr
     print(f"{name:<26} dev BLEU-4 {best['Bleu_4']:.4f}  CIDEr {best['CIDEr']:.4f}  ({len(rows)} epochs)")
 EOF
