@@ -27,12 +27,14 @@ declare -A VARIANTS=(
   [label_smoothing_0.1]="train.label_smoothing=0.1"
   [scheduled_sampling_0.25]="train.scheduled_sampling=0.25"
   [lr_constant]="train.lr_schedule=constant"
+  [lr_2e-3]="train.lr=2e-3"
+  [lr_4e-3]="train.lr=4e-3"
   [captions_1]="data.captions_per_image=1"
   [finetune_top]="data.feature_cache= data.augment=false data.num_workers=1 model.trainable_layers=2"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(baseline dropout_0.2 embed_512 hidden_1024 label_smoothing_0.1
-                                  scheduled_sampling_0.25 lr_constant captions_1 finetune_top)
+                                  scheduled_sampling_0.25 lr_constant lr_2e-3 lr_4e-3 captions_1 finetune_top)
 
 for name in "${names[@]}"; do
   [ -v "VARIANTS[$name]" ] || { echo "unknown variant '$name'; known: ${!VARIANTS[*]}" >&2; exit 2; }

@@ -234,6 +234,16 @@ def test_attention_weights_sum_to_one_and_ignore_masked_positions():
     torch.testing.assert_close(context1, context2)
 
 
+def test_attention_is_the_additive_tanh_score_of_show_attend_and_tell():
+    torch.manual_seed(0)
+    attention = AdditiveAttention(feature_dim=FEATURES, hidden_dim=16, attention_dim=8)
+    features, query = torch.randn(3, 6, FEATURES), torch.randn(3, 16)
+    scores = attention.score(torch.tanh(attention.key(features) + attention.query(query).unsqueeze(1)))  # (3, 6, 1)
+    expected = scores.squeeze(-1).softmax(-1)
+    _, alpha = attention(attention.project_keys(features), features, query)
+    torch.testing.assert_close(alpha, expected)
+
+
 @pytest.mark.parametrize("kind", ["attention", "show_tell"])
 def test_every_trainable_parameter_gets_a_gradient(kind):
     torch.manual_seed(0)
