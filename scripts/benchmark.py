@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from captioning.batch import caption_files, expand_inputs, open_writer
 from captioning.checkpoint import save_checkpoint
@@ -142,6 +143,21 @@ def grid_features(n: int, device: torch.device, generator: torch.Generator) -> t
     return torch.randn(n, 49, 2048, generator=generator).relu().to(device)
 
 
+def flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of the matrix products and convolutions that fn runs (torch's FLOP counter)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_gflops(device: torch.device, n: int = 2048) -> float:
+    """GFLOP/s of one large fp32 matrix product: what this device's arithmetic can do at best."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    _, seconds = timed(lambda: [a @ b for _ in range(5)], device)
+    return 5 * 2 * n**3 / seconds / 1e9
+
+
 def profile(label: str, fn: Callable[[], object], device: torch.device) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -177,9 +193,13 @@ def bench_beam(args, device: torch.device, work: Path) -> dict:
     same = [a[0].tokens == b[0].tokens for a, b in zip(batched, single)]
     gap = max((abs(a[0].score - b[0].score) for a, b in zip(batched, single)), default=0.0)
     speedup = t_single / t_batched
-    line("batched", f"{n_images / t_batched:8.2f} images/s ({t_batched:.2f} s)")
-    line("one image at a time", f"{n_images / t_single:8.2f} images/s ({t_single:.2f} s)")
+    work = flops(lambda: beam_search(decoder, grid, pooled, beam)) / 1e9  # the same for both: same captions
+    line("batched", f"{n_images / t_batched:8.2f} images/s ({t_batched:.2f} s, {work / t_batched:.0f} GFLOP/s)")
+    line("one image at a time",
+         f"{n_images / t_single:8.2f} images/s ({t_single:.2f} s, {work / t_single:.0f} GFLOP/s)")
     line("speed-up", f"{speedup:.1f}x (target >= 8x)")
+    line("arithmetic", f"{work:.0f} GFLOP of matrix products; a large fp32 matmul here runs at "
+                       f"{matmul_gflops(device):.0f} GFLOP/s, which bounds the batched rate")
     line("captions identical", f"{sum(same)}/{n_images}{'' if all(same) else '  <-- MISMATCH'} (largest score gap "
                                f"{gap:.1e}), mean length {np.mean([len(h[0].tokens) for h in batched]):.1f} words")
     if args.profile:
@@ -188,9 +208,8 @@ def bench_beam(args, device: torch.device, work: Path) -> dict:
     return {"summary": f"beam {speedup:.1f}x", "ok": all(same)}
 
 
-def train_rate(model: Captioner, batch: dict, cfg: Config, device: torch.device, steps: int) -> float:
-    """Captions/s of train_one_epoch (forward, caption_loss, backward, clipping, Adam) over `steps` repeats of
-    `batch`, after one warm-up step."""
+def training_steps(model: Captioner, batch: dict, cfg: Config, device: torch.device) -> Callable[[int], None]:
+    """A function that runs n steps of train_one_epoch (forward, caption_loss, backward, clipping, Adam) on `batch`."""
     optimizer = build_optimizer(model, cfg)
     amp_fp16 = device.type == "cuda" and cfg.train.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=amp_fp16)
@@ -199,6 +218,12 @@ def train_rate(model: Captioner, batch: dict, cfg: Config, device: torch.device,
         with contextlib.redirect_stderr(io.StringIO()):  # the loop's progress bar would break up the figures
             train_one_epoch(model, [batch] * n, optimizer, None, scaler, device, cfg.train, StepState(), n)
 
+    return run
+
+
+def train_rate(model: Captioner, batch: dict, cfg: Config, device: torch.device, steps: int) -> float:
+    """Captions/s of `steps` training steps on `batch`, after one warm-up step."""
+    run = training_steps(model, batch, cfg, device)
     run(1)
     _, seconds = timed(lambda: run(steps), device)
     return steps * batch["captions"].size(0) / seconds
@@ -227,9 +252,12 @@ def bench_train(args, device: torch.device, work: Path) -> dict:
     cached = train_rate(model, features, cfg, device, steps)
     in_loop = train_rate(model, images, cfg, device, steps)
     ratio = cached / in_loop
-    line("cached features", f"{cached:8.1f} captions/s")
-    line("ResNet-50 in the loop", f"{in_loop:8.1f} captions/s")
-    line("ratio", f"{ratio:.1f}x (target >= 10x)")
+    work = {name: flops(lambda b=batch: training_steps(model, b, cfg, device)(1)) / 1e9
+            for name, batch in (("cached", features), ("in the loop", images))}
+    line("cached features", f"{cached:8.1f} captions/s ({work['cached']:.0f} GFLOP per step)")
+    line("ResNet-50 in the loop", f"{in_loop:8.1f} captions/s ({work['in the loop']:.0f} GFLOP per step)")
+    line("ratio", f"{ratio:.1f}x (target >= 10x); the FLOP ratio of the two steps is "
+                  f"{work['in the loop'] / work['cached']:.1f}x")
     return {"summary": f"train {ratio:.1f}x", "ok": True}
 
 
