@@ -34,6 +34,11 @@ NO_MODEL = ("No captioning model is loaded. Train the quick-start model with `ba
             "(a few minutes on a CPU), or start the demo with `python demo/app.py --checkpoint PATH`.")
 MAX_FILE_SIZE = "10mb"
 TIMEOUT = 60.0  # seconds of work per caption
+# Gradio keeps a record of every session (each browser page, each gradio_client user) in memory, closed ones too, until
+# launch(state_session_capacity=), by default 10000, newer ones push it out: 30 KiB each here (a copy of every
+# component's config), so up to ~290 MiB; the load test adds 41 per pass. 500 bound them to ~15 MiB. A page left idle
+# while 500 newer sessions came loses only the photo on show: moving a slider then asks for an upload.
+STATE_SESSIONS = 500
 THEME = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
 CSS = """
 #caption { min-height: 5.5rem; }
@@ -48,6 +53,9 @@ EMPTY_CAPTION = '<div class="caption-empty">Upload a photo or pick an example: i
 # glibc gives each thread that allocates its own heap ("arena") and keeps what is freed there for reuse. Requests run
 # on a pool of worker threads, so bursts of up to 32 users (scripts/load_test_demo.py) left the server 147 MiB above
 # its warmed-up size for good. One heap for the process and a trim after each request hand those pages back: 35 MiB.
+# The limit must be set before the model loads: threads that run while it loads and the page is built (PyTorch's,
+# Gradio's) had made 4 more heaps by the time the server ran, and a limit set then spread the worker threads over all
+# 5; those 4 grew from 18 to 77 MiB in a 3-pass load test (malloc_info), mostly free but not handed back.
 M_ARENA_MAX = -8  # mallopt's option number, from glibc's <malloc.h>
 
 
@@ -57,6 +65,12 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 GLIBC = _glibc()
+
+
+def one_malloc_heap() -> None:
+    """One glibc heap for all threads; call it before any thread allocates (before a model loads); glibc only."""
+    if GLIBC is not None:
+        GLIBC.mallopt(M_ARENA_MAX, 1)
 
 
 def return_freed_memory() -> None:
@@ -117,6 +131,7 @@ def describe_photo(captioner: ImageCaptioner | None, path: str | None, beam_size
 def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None = TIMEOUT) -> gr.Blocks:
     """The demo page for a captioner (or the checkpoint to load one from); None shows how to get a model. A caption
     is stopped after `timeout` seconds of work (None: never)."""
+    one_malloc_heap()  # before the model loads: its threads would make heaps of their own
     captioner = ImageCaptioner.from_checkpoint(model) if isinstance(model, (str, Path)) else model
     with gr.Blocks(title="Image captioning demo", analytics_enabled=False) as app:
         gr.Markdown("# Image captioning\nA CNN encoder looks at the photo and an LSTM decoder writes a caption word "
@@ -175,11 +190,11 @@ def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None =
 
 def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
           prevent_thread_lock: bool = False) -> None:
-    """Launch with the demo's limits: uploads up to MAX_FILE_SIZE, one malloc heap, its theme and style."""
-    if GLIBC is not None:
-        GLIBC.mallopt(M_ARENA_MAX, 1)  # before the server starts its worker threads
+    """Launch with the demo's limits: uploads up to MAX_FILE_SIZE, STATE_SESSIONS sessions kept, one malloc heap, its
+    theme and style."""
+    one_malloc_heap()  # again, in case the app was built from a model loaded elsewhere: before the worker threads
     app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE, theme=THEME, css=CSS,
-               prevent_thread_lock=prevent_thread_lock)
+               state_session_capacity=STATE_SESSIONS, prevent_thread_lock=prevent_thread_lock)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
