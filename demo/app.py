@@ -52,10 +52,10 @@ EMPTY_CAPTION = '<div class="caption-empty">Upload a photo or pick an example: i
 
 # glibc gives each thread that allocates its own heap ("arena") and keeps what is freed there for reuse. Requests run
 # on a pool of worker threads, so bursts of up to 32 users (scripts/load_test_demo.py) left the server 147 MiB above
-# its warmed-up size for good. One heap for the process and a trim after each request hand those pages back: 35 MiB.
-# The limit must be set before the model loads: threads that run while it loads and the page is built (PyTorch's,
-# Gradio's) had made 4 more heaps by the time the server ran, and a limit set then spread the worker threads over all
-# 5; those 4 grew from 18 to 77 MiB in a 3-pass load test (malloc_info), mostly free but not handed back.
+# its warmed-up size for good. One heap for the process and a trim after each request hand those pages back. The
+# limit must be set before the model loads: threads that run while it loads and the page is built (PyTorch's,
+# Gradio's) make 4 more heaps, and a limit set at launch spread the worker threads over all 5 (those 4 grew from 18 to
+# 77 MiB in 3 passes, malloc_info): 35 MiB were left after 2 passes then, 17 MiB with the limit set first.
 M_ARENA_MAX = -8  # mallopt's option number, from glibc's <malloc.h>
 
 
