@@ -7,11 +7,9 @@
 #       bash scripts/flickr8k_ablations.sh
 #
 # Each variant trains EPOCHS epochs (default 2, the cosine schedule shortened to match) from the shared feature
-# cache into runs/ablations/<variant>/. All start from BASE, the config at 224 px with a peak learning rate of 1e-3:
-# its settings before the full-schedule runs moved it to 320 px and 3e-3, kept so that the variants stay comparable.
-# The last lines print each variant's dev BLEU-4 and CIDEr at its best-CIDEr epoch (greedy decoding, as in the
-# per-epoch validation). finetune_top trains MobileNetV2's last two stages, so it runs the encoder in the loop on the
-# JPEGs (no cache) and is several times slower than the others.
+# cache into runs/ablations/<variant>/; the last lines print each variant's dev BLEU-4 and CIDEr at its best-CIDEr
+# epoch (greedy decoding, as in the per-epoch validation). finetune_top trains MobileNetV2's last two stages, so it
+# runs the encoder in the loop on the JPEGs (no cache) and is several times slower than the others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -20,7 +18,6 @@ FLICKR8K=${FLICKR8K:-data/flickr8k}
 WEIGHTS=${WEIGHTS:-IMAGENET1K_V1}
 IMAGES=${IMAGES:-$FLICKR8K/Flicker8k_Dataset}
 CACHE=${CACHE:-runs/features/flickr8k_mobilenet_v2}
-BASE="data.image_size=224 train.lr=1e-3"
 
 declare -A VARIANTS=(
   [baseline]=""
@@ -48,7 +45,7 @@ for name in "${names[@]}"; do
   # shellcheck disable=SC2086  # the variant's overrides are separate words
   "$PY" scripts/train.py --config configs/flickr8k_attention.yaml "${resume[@]}" --set \
     data.root="$FLICKR8K" data.image_dir="$IMAGES" model.encoder_weights="$WEIGHTS" data.feature_cache="$CACHE" \
-    data.num_workers=0 $BASE \
+    data.num_workers=0 \
     train.epochs="$EPOCHS" train.out_dir="$out" ${VARIANTS[$name]}
 done
 
