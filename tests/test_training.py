@@ -346,13 +346,13 @@ def test_a_loss_that_stays_nan_stops_training(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------------- it learns
 
 def test_a_small_attention_model_learns_the_synthetic_shapes(tmp_path):
-    """~750 decoder steps on cached features of a random frozen AlexNet (3 x 3 grid at 128 px; of the random
+    """~1000 decoder steps on cached features of a random frozen AlexNet (3 x 3 grid at 128 px; of the random
     backbones it keeps colour and shape best, so learning is quick) beat every constant caption by a wide margin."""
     cfg = tiny_config(tmp_path / "run", **{
         "data.num_train": 1000, "data.num_val": 8, "data.num_test": 100, "data.image_size": 128,
         "data.captions_per_image": 5, "data.feature_cache": str(tmp_path / "features"),
         "data.feature_dtype": "float32", "model.encoder": "alexnet", "model.embed_dim": 32, "model.hidden_dim": 64,
-        "model.attention_dim": 32, "train.epochs": 12, "train.batch_size": 16, "train.lr": 1e-2,
+        "model.attention_dim": 32, "train.epochs": 16, "train.batch_size": 16, "train.lr": 1e-2,
         "train.early_stop_patience": 0})
     run = train(cfg)
     model, cfg = load_model(run / "last.pt")
@@ -372,6 +372,6 @@ def test_a_small_attention_model_learns_the_synthetic_shapes(tmp_path):
     baseline_bleu4, constant = max((bleu(tokens, dict.fromkeys(tokens, tokenize(c)))[3], c) for c in candidates)
     baseline = score_captions(refs, dict.fromkeys(refs, constant), meteor=False)
     assert baseline["Bleu_4"] == pytest.approx(baseline_bleu4)
-    # Seen: BLEU-4 0.64-0.65 (seeds 0-2) against 0.42, CIDEr ~3.7 against ~0.3.
+    # Seen: BLEU-4 0.61, CIDEr 3.55 against 0.42 and ~0.3 (12 epochs gave 0.45-0.55 over seeds 0-1: too near the bar).
     assert scores["Bleu_4"] > baseline["Bleu_4"] + 0.12, (scores, constant, baseline)
     assert scores["CIDEr"] > baseline["CIDEr"] + 2.0, (scores, constant, baseline)
