@@ -190,9 +190,8 @@ def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None =
 
 def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
           prevent_thread_lock: bool = False) -> None:
-    """Launch with the demo's limits: uploads up to MAX_FILE_SIZE, STATE_SESSIONS sessions kept, one malloc heap, its
-    theme and style."""
-    one_malloc_heap()  # again, in case the app was built from a model loaded elsewhere: before the worker threads
+    """Launch an app from build_app (which limits malloc to one heap) with the demo's limits: uploads up to
+    MAX_FILE_SIZE, STATE_SESSIONS sessions kept, its theme and style."""
     app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE, theme=THEME, css=CSS,
                state_session_capacity=STATE_SESSIONS, prevent_thread_lock=prevent_thread_lock)
 

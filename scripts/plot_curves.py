@@ -21,17 +21,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    fig, (loss_ax, bleu_ax, cider_ax) = plt.subplots(1, 3, figsize=(14, 3.8))
+    panels = [("training loss", lambda r: r["train_loss"]),
+              ("validation BLEU-4 (greedy decoding)", lambda r: r["val"]["Bleu_4"]),
+              ("validation CIDEr (greedy decoding)", lambda r: r["val"]["CIDEr"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.8))
     for run in map(Path, args.runs):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         epochs = [r["epoch"] + 1 for r in rows]
-        loss_ax.plot(epochs, [r["train_loss"] for r in rows], marker="o", label=run.name)
-        bleu_ax.plot(epochs, [r["val"]["Bleu_4"] for r in rows], marker="o", label=run.name)
-        cider_ax.plot(epochs, [r["val"]["CIDEr"] for r in rows], marker="o", label=run.name)
-    loss_ax.set(title="training loss", xlabel="epoch")
-    bleu_ax.set(title="validation BLEU-4 (greedy decoding)", xlabel="epoch")
-    cider_ax.set(title="validation CIDEr (greedy decoding)", xlabel="epoch")
-    for ax in (loss_ax, bleu_ax, cider_ax):
+        for ax, (_, value) in zip(axes, panels):
+            ax.plot(epochs, [value(r) for r in rows], marker="o", label=run.name)
+    for ax, (title, _) in zip(axes, panels):
+        ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
