@@ -26,6 +26,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         name = f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
+        if device.index is None:  # "cuda": the current device, named by its index as set_device needs
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
 
