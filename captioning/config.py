@@ -69,7 +69,7 @@ class TrainConfig:
     attention_penalty: float = 1.0  # doubly stochastic attention regularisation (lambda in Show, Attend and Tell)
     scheduled_sampling: float = 0.0  # final probability of feeding the model's own word (ramps up linearly)
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a scaler); ignored on CPU
-    compile: bool = False  # torch.compile the decoder
+    compile: bool = False  # torch.compile the decoder's one-word step
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = 0
     val_beam_size: int = 1  # beam size of the per-epoch validation decoding (1 = greedy)

@@ -179,7 +179,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
-        model.decoder.compile()
+        model.decoder.compile_step()
 
     if is_main():
         out_dir.mkdir(parents=True, exist_ok=True)

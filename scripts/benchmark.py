@@ -16,7 +16,8 @@ Areas:
            (ResNet-18 at 64 px, a small decoder)                                            (target within 10%)
   latency  one photo through ImageCaptioner.caption (the demo's path; ResNet-50, beam 3): p50 and p95 over 50
            photos after 3 warm-ups                                                           (target p50 <= 250 ms)
-  gpu      CUDA only: training fp32 vs mixed precision, folder captioning with ResNet-101, peak GPU memory
+  gpu      CUDA only: training fp32 vs mixed precision (cached features; frozen ResNet-101 in the loop), the
+           ResNet-101 forward NCHW vs channels_last, folder captioning with ResNet-101, peak GPU memory
 
 Weights are random (weights=None): speed does not depend on their values, but a random decoder rarely says <end>,
 so its captions run to max_len words; the mean caption length is printed, and decoding times are an upper bound.
@@ -68,6 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators for beam and latency")
+    p.add_argument("--compile", action="store_true", help="gpu: also time training with train.compile=true")
     p.add_argument("--memory-child", nargs=3, metavar=("CHECKPOINT", "LIST", "OUT"), help=argparse.SUPPRESS)
     return p
 
@@ -261,16 +263,16 @@ def bench_train(args, device: torch.device, work: Path) -> dict:
     return {"summary": f"train {ratio:.1f}x", "ok": True}
 
 
-def encoder_rate(captioner: ImageCaptioner, n_images: int, batch_size: int) -> float:
+def encoder_rate(model: Captioner, image_size: int, n_images: int, batch_size: int, amp: bool = True) -> float:
     """Images/s of the encoder alone on preloaded tensors, as caption_batch runs it (no_grad, autocast)."""
-    device, size = captioner.device, captioner.preprocess.size
-    batch = torch.randn(batch_size, 3, size, size).to(device)
+    device = next(model.parameters()).device
+    batch = torch.randn(batch_size, 3, image_size, image_size).to(device)
 
     @torch.no_grad()
     def run(n: int) -> None:
         for _ in range(n):
-            with autocast(device):
-                captioner.model.encode(batch)
+            with autocast(device, amp):
+                model.encode(batch)
 
     run(1)
     batches = max(1, n_images // batch_size)
@@ -301,7 +303,7 @@ def bench_folder(args, device: torch.device, work: Path) -> dict:
     print(f"folder: {n_images} JPEG photos 640x480, ResNet-50 at 224, beam {beam}, batch {batch_size}, "
           f"{workers} loader workers")
     end_to_end, length = folder_rate(captioner, paths, work / "folder.jsonl", beam, batch_size, workers)
-    bare = encoder_rate(captioner, n_images, batch_size)
+    bare = encoder_rate(captioner.model, captioner.preprocess.size, n_images, batch_size)
     ratio = end_to_end / bare
     line("folder captioning", f"{end_to_end:8.2f} images/s (mean caption {length:.1f} words)")
     line("encoder alone", f"{bare:8.2f} images/s")
@@ -391,44 +393,94 @@ def bench_latency(args, device: torch.device, work: Path) -> dict:
     return {"summary": f"latency p50 {p50:.0f} ms", "ok": True}
 
 
+def gpu_training(batch: dict, amp: bool, steps: int, device: torch.device, compile_step: bool = False
+                 ) -> tuple[float, int, Callable[[int], None]]:
+    """(captions/s, peak GPU bytes of the model, its optimizer and its steps, the step function) of training a
+    ResNet-101 captioner on `batch` in fp32 or mixed precision."""
+    base = torch.cuda.memory_allocated(device)  # what earlier runs still hold (their models and batches)
+    torch.cuda.reset_peak_memory_stats(device)
+    cfg = model_config("resnet101")
+    cfg.train.amp = amp
+    torch.manual_seed(0)
+    model = Captioner(cfg.model, vocabulary(VOCAB_SIZE)).to(device)
+    if compile_step:
+        model.decoder.compile_step()
+    rate = train_rate(model, batch, cfg, device, steps)
+    return rate, torch.cuda.max_memory_allocated(device) - base, training_steps(model, batch, cfg, device)
+
+
+def gpu_busy_ms(run: Callable[[int], None], device: torch.device, steps: int = 3) -> float:
+    """The kernels' own time per step (torch.profiler): when it is far below the wall time of a step, the step
+    waits on the host launching kernels, not on the GPU's arithmetic. Measured after every timing, as profiling
+    slows down the kernel launches that follow it."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run(steps)
+        sync(device)
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / steps
+
+
 def bench_gpu(args, device: torch.device, work: Path) -> dict:
     if device.type != "cuda":
         print("gpu: skipped (needs CUDA; this run is on the CPU)")
         return {"summary": "gpu skipped", "ok": True}
-    n_images, per_image, steps = (16, 5, 2) if args.quick else (64, 5, 20)
-    print(f"gpu: {torch.cuda.get_device_name(device)}")
-    peaks = {}
-    rates = {}
-    for amp in (False, True):
-        cfg = model_config("resnet101")
-        cfg.train.amp = amp
-        torch.manual_seed(0)
-        model = Captioner(cfg.model, vocabulary(VOCAB_SIZE)).to(device)
-        features, _ = training_batches(n_images, per_image, device)
-        torch.cuda.reset_peak_memory_stats(device)
-        rates[amp] = train_rate(model, features, cfg, device, steps)
-        peaks[f"training {'mixed' if amp else 'fp32'}"] = torch.cuda.max_memory_allocated(device)
-        del model, features
-    precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16 + GradScaler"
-    line("training fp32", f"{rates[False]:9.1f} captions/s ({n_images} images x {per_image} captions, cached)")
-    line("training mixed", f"{rates[True]:9.1f} captions/s ({precision})")
-    line("ratio", f"{rates[True] / rates[False]:.2f}x mixed / fp32")
+    per_image, steps = 5, (2 if args.quick else 20)
+    sizes = (16,) if args.quick else (64, 512)  # configs/coco_attention.yaml's batch, and a batch that fills the GPU
+    mixed = "bf16" if torch.cuda.is_bf16_supported() else "fp16 + GradScaler"
+    print(f"gpu: {torch.cuda.get_device_name(device)}; training steps of B images x {per_image} captions, attention "
+          f"decoder 512, vocabulary {VOCAB_SIZE}, Adam; mixed = {mixed}; fp32 = PyTorch's defaults (TF32 "
+          "convolutions, full fp32 matrix products)")
+    peaks, summary, steppers = {}, [], {}
+    for n_images in sizes:
+        features, images = training_batches(n_images, per_image, device)
+        runs = [(f"cached features, B={n_images}", features)]
+        if n_images == sizes[0]:
+            runs.append((f"ResNet-101 in the loop, B={n_images}", images))
+        for name, batch in runs:
+            rates = {}
+            for amp in (False, True):
+                label = f"{name} {'mixed' if amp else 'fp32'}"
+                rates[amp], peaks[label], run = gpu_training(batch, amp, steps, device)
+                steppers[label] = (run, 1e3 * batch["captions"].size(0) / rates[amp])
+                line(label, f"{rates[amp]:8.0f} captions/s")
+            line("ratio", f"{rates[True] / rates[False]:.2f}x mixed / fp32 (target >= 1.8x)")
+            summary.append(f"amp {rates[True] / rates[False]:.2f}x ({name})")
+        if args.compile and n_images == sizes[0]:
+            rate, peaks["compiled step, mixed"], _ = gpu_training(features, True, steps, device, True)
+            line("compiled step, mixed", f"{rate:8.0f} captions/s from cached features (train.compile=true)")
 
-    n_files, batch_size = (64, 32) if args.quick else (1024, 64)
-    workers = min(8, os.cpu_count() or 1)
-    checkpoint = write_checkpoint(work / "resnet101.pt", model_config("resnet101"))
+    cfg = model_config("resnet101")
+    torch.manual_seed(0)
+    model = Captioner(cfg.model, vocabulary(VOCAB_SIZE)).to(device).eval()
+    batch_size = 64
+    for channels_last in (False, True):
+        model.encoder.channels_last = channels_last
+        rates = [encoder_rate(model, 224, 8 * batch_size, batch_size, amp) for amp in (False, True)]
+        line(f"ResNet-101 {'NHWC' if channels_last else 'NCHW'}", f"fp32 {rates[0]:7.0f}, mixed {rates[1]:7.0f} "
+                                                               f"images/s (encoder forward, batch {batch_size})")
+    del model
+
+    n_files = 64 if args.quick else 2048
+    workers = min(12, os.cpu_count() or 1)
+    checkpoint = write_checkpoint(work / "resnet101.pt", cfg)
+    base = torch.cuda.memory_allocated(device)
     captioner = ImageCaptioner.from_checkpoint(checkpoint, str(device))
     paths = list(expand_inputs([write_photos(work / "gpu_photos", n_files)[0].parent]))
     torch.cuda.reset_peak_memory_stats(device)
     end_to_end, length = folder_rate(captioner, paths, work / "gpu_folder.jsonl", 3, batch_size, workers)
-    peaks["folder captioning"] = torch.cuda.max_memory_allocated(device)
-    bare = encoder_rate(captioner, n_files, batch_size)
-    line("folder, ResNet-101", f"{end_to_end:9.1f} images/s (beam 3, batch {batch_size}, {workers} workers, "
-                               f"mean caption {length:.1f} words)")
-    line("encoder alone", f"{bare:9.1f} images/s")
+    peaks["folder captioning"] = torch.cuda.max_memory_allocated(device) - base
+    bare = encoder_rate(captioner.model, captioner.preprocess.size, n_files, batch_size)
+    line("folder, ResNet-101", f"{end_to_end:8.0f} images/s ({n_files} JPEGs 640x480, beam 3, batch {batch_size}, "
+                               f"{workers} loader workers, mean caption {length:.1f} words)")
+    line("encoder alone", f"{bare:8.0f} images/s (mixed, NHWC, preloaded tensors)")
     line("ratio", f"{end_to_end / bare:.2f} folder / encoder")
     line("peak GPU memory", ", ".join(f"{name} {peak / 2**20:.0f} MiB" for name, peak in peaks.items()))
-    return {"summary": f"gpu amp {rates[True] / rates[False]:.2f}x, folder r101 {end_to_end:.0f} img/s", "ok": True}
+    for label, (run, wall_ms) in steppers.items():
+        line(f"GPU busy, {label}", f"{gpu_busy_ms(run, device):5.1f} of {wall_ms:5.1f} ms per step")
+    summary.append(f"folder r101 {end_to_end:.0f} img/s")
+    return {"summary": "gpu " + ", ".join(summary), "ok": True}
 
 
 BENCHMARKS = {"beam": bench_beam, "train": bench_train, "folder": bench_folder, "memory": bench_memory,

@@ -281,6 +281,34 @@ def test_show_tell_fast_path_equals_stepping(cell, num_layers):
     torch.testing.assert_close(fast, CaptionDecoder.forward(decoder, grid, pooled, captions)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_step_gives_the_same_loss_gradients_and_captions():
+    """train.compile: torch.compile of the one-word step, with the shrinking batch of teacher forcing (captions of
+    different lengths) and beam search's beams going through one dynamic-shape graph."""
+    from captioning.decoding import beam_search
+
+    def loss_and_grads(decoder):
+        decoder.zero_grad()
+        logits, alphas = decoder(grid, pooled, captions)
+        loss = caption_loss(logits, captions, alphas, attention_penalty=1.0)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in decoder.parameters()]
+
+    torch.manual_seed(0)
+    decoder = build_decoder(_model_cfg(decoder="attention"), len(VOCAB), FEATURES)
+    grid, pooled = _grid()
+    captions = _captions()
+    eager_loss, eager_grads = loss_and_grads(decoder)
+    eager_beams = beam_search(decoder.eval(), grid, pooled, beam_size=3)
+    decoder.compile_step()
+    assert "hidden_step" in vars(decoder)  # the instance now steps through the compiled function
+    compiled_loss, compiled_grads = loss_and_grads(decoder.train())
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for compiled, eager in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+    compiled_beams = beam_search(decoder.eval(), grid, pooled, beam_size=3)
+    assert [h[0].tokens for h in compiled_beams] == [h[0].tokens for h in eager_beams]
+
+
 @pytest.mark.parametrize("kind", ["attention", "show_tell"])
 def test_scheduled_sampling_feeds_the_models_own_words(kind):
     torch.manual_seed(0)

@@ -63,6 +63,12 @@ class CaptionDecoder(nn.Module):
         """words (B,) -> top hidden output (B, H), new state, attention weights (B, N) or None."""
         raise NotImplementedError
 
+    def compile_step(self) -> None:
+        """torch.compile the one-word step (attention and cell), which training and every search call in a Python
+        loop. The batch dimension is compiled as dynamic: captions end at different lengths and the rows still
+        running shrink step by step, so one graph serves them all."""
+        self.hidden_step = torch.compile(self.hidden_step, dynamic=True)
+
     def step(self, words: torch.Tensor, state: State, memory: Memory
              ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         """words (B,) -> logits (B, V), new state, attention weights (B, N) or None."""
