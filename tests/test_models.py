@@ -8,6 +8,7 @@ import torchvision
 from torch import nn
 
 from captioning.config import ModelConfig, load_config
+from captioning.decoding import beam_search
 from captioning.engine import caption_loss
 from captioning.models import Captioner, build_model
 from captioning.models.attention import AdditiveAttention
@@ -284,8 +285,6 @@ def test_show_tell_fast_path_equals_stepping(cell, num_layers):
 def test_compiled_step_gives_the_same_loss_gradients_and_captions():
     """train.compile: torch.compile of the one-word step, with the shrinking batch of teacher forcing (captions of
     different lengths) and beam search's beams going through one dynamic-shape graph."""
-    from captioning.decoding import beam_search
-
     def loss_and_grads(decoder):
         decoder.zero_grad()
         logits, alphas = decoder(grid, pooled, captions)
