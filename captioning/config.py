@@ -68,6 +68,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     attention_penalty: float = 1.0  # doubly stochastic attention regularisation (lambda in Show, Attend and Tell)
     scheduled_sampling: float = 0.0  # final probability of feeding the model's own word (ramps up linearly)
+    scst_epochs: int = 0  # self-critical epochs (CIDEr-D reward) after the `epochs` of cross-entropy
+    scst_lr: float = 5e-5  # constant learning rate of the self-critical epochs
+    scst_samples: int = 5  # captions sampled per image; each one's baseline is the mean reward of the others
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a scaler); ignored on CPU
     compile: bool = False  # torch.compile the decoder's one-word step
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -203,6 +206,9 @@ def validate(cfg: Config) -> Config:
         section, name = key.split(".")
         if d[section][name] not in choices:
             raise ConfigError(f"config key '{key}' is {d[section][name]!r}; choose one of {', '.join(choices)}")
+    if cfg.train.scst_epochs and cfg.train.scst_samples < 2:
+        raise ConfigError("config key 'train.scst_samples' must be at least 2: each sample's baseline is the mean "
+                          "reward of the image's other samples")
     if cfg.data.captions_per_image < 1:
         raise ConfigError("config key 'data.captions_per_image' must be at least 1")
     return cfg

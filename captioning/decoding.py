@@ -25,41 +25,55 @@ def _log_probs(logits: torch.Tensor, finished: torch.Tensor, temperature: float 
     """logits (R, V) -> log-probabilities where <pad>/<start> are never produced and a finished row can only add
     <pad> at zero cost (so its score stays put)."""
     logp = (logits.float() / temperature).log_softmax(-1)
-    logp[:, PAD_ID] = float("-inf")
-    logp[:, START_ID] = float("-inf")
+    never = torch.zeros_like(logp[0])
+    never[PAD_ID] = never[START_ID] = float("-inf")
+    logp = logp + never  # not in place: self-critical training takes gradients through log_softmax
     done_row = torch.full_like(logp[0], float("-inf"))
     done_row[PAD_ID] = 0.0
     return torch.where(finished.unsqueeze(-1), done_row, logp)
+
+
+def rollout(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tensor, max_len: int = 20,
+            temperature: float | None = None, samples: int = 1
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Greedy decoding (temperature None) or sampling at a temperature, `samples` captions per image, differentiable
+    (self-critical training takes gradients through it) -> tokens (B*samples, T) ending in <end> then <pad>,
+    log-probability of each token (B*samples, T; 0 after <end>), attention (B*samples, T, N) or None. Rows are
+    image-major: row i*samples + j is image i's sample j."""
+    B = pooled.size(0)
+    state, memory = decoder.init(grid, pooled)
+    if samples > 1:
+        state, memory = select_rows(state, memory, torch.arange(B, device=pooled.device).repeat_interleave(samples))
+    R = B * samples
+    words = torch.full((R,), START_ID, dtype=torch.long, device=pooled.device)
+    finished = torch.zeros(R, dtype=torch.bool, device=pooled.device)
+    tokens, token_logp, alphas = [], [], []
+    for _ in range(max_len):
+        logits, state, alpha = decoder.step(words, state, memory)
+        logp = _log_probs(logits, finished, temperature or 1.0)
+        with torch.no_grad():
+            if temperature is None:
+                words = logp.argmax(-1)
+            else:
+                # softmax renormalises over the words that may be produced: at a low temperature exp(logp) underflows
+                # to zero everywhere when <pad> or <start> held the probability mass
+                words = torch.multinomial(logp.softmax(-1), 1).squeeze(1)
+        token_logp.append(logp.gather(1, words.unsqueeze(1)).squeeze(1))
+        tokens.append(words)
+        alphas.append(alpha)
+        finished = finished | (words == END_ID)
+        if finished.all():
+            break
+    alpha_seq = torch.stack(alphas, 1) if alphas[0] is not None else None
+    return torch.stack(tokens, 1), torch.stack(token_logp, 1), alpha_seq
 
 
 @torch.no_grad()
 def sample_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tensor, max_len: int = 20,
                   temperature: float | None = None) -> list[Hypothesis]:
     """Greedy decoding (temperature None) or sampling at a temperature; one hypothesis per image."""
-    B = pooled.size(0)
-    state, memory = decoder.init(grid, pooled)
-    words = torch.full((B,), START_ID, dtype=torch.long, device=pooled.device)
-    finished = torch.zeros(B, dtype=torch.bool, device=pooled.device)
-    scores = torch.zeros(B, device=pooled.device)
-    tokens, alphas = [], []
-    for _ in range(max_len):
-        logits, state, alpha = decoder.step(words, state, memory)
-        logp = _log_probs(logits, finished, temperature or 1.0)
-        if temperature is None:
-            words = logp.argmax(-1)
-        else:
-            # softmax renormalises over the words that may be produced: at a low temperature exp(logp) underflows to
-            # zero everywhere when <pad> or <start> held the probability mass
-            words = torch.multinomial(logp.softmax(-1), 1).squeeze(1)
-        scores += logp.gather(1, words.unsqueeze(1)).squeeze(1)
-        tokens.append(words)
-        alphas.append(alpha)
-        finished = finished | (words == END_ID)
-        if finished.all():
-            break
-    token_seq = torch.stack(tokens, 1)  # (B, T)
-    alpha_seq = torch.stack(alphas, 1).float().cpu() if alphas[0] is not None else None  # (B, T, N)
-    return _hypotheses(token_seq, scores, alpha_seq)
+    tokens, token_logp, alphas = rollout(decoder, grid, pooled, max_len, temperature)
+    return _hypotheses(tokens, token_logp.sum(1), alphas.float().cpu() if alphas is not None else None)
 
 
 @torch.no_grad()

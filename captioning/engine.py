@@ -17,6 +17,7 @@ from captioning.decoding import decode
 from captioning.distributed import gather_objects, is_main, local_rank
 from captioning.metrics import score_captions
 from captioning.models import Captioner
+from captioning.rewards import SampleRewards
 from captioning.vocab import PAD_ID
 
 
@@ -54,6 +55,17 @@ def caption_loss(logits: torch.Tensor, captions: torch.Tensor, alphas: torch.Ten
     return loss
 
 
+def self_critical_loss(tokens: torch.Tensor, token_logp: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """Self-critical policy gradient with the mean of the other samples as baseline (Rennie et al. 2017; Luo 2020).
+    tokens, token_logp (B*K, T) from K samples per image, rewards (B, K) -> loss: minus the advantage-weighted
+    log-probability, averaged over the sampled words and <end> tokens."""
+    K = rewards.size(1)
+    baseline = (rewards.sum(1, keepdim=True) - rewards) / (K - 1)  # (B, K)
+    advantage = (rewards - baseline).reshape(-1, 1).to(token_logp.dtype)  # (B*K, 1)
+    mask = tokens != PAD_ID  # (B*K, T): words and <end>
+    return -(advantage * token_logp * mask).sum() / mask.sum()
+
+
 @dataclass
 class StepState:
     """Progress counters that a checkpoint must carry to resume mid-epoch."""
@@ -61,7 +73,7 @@ class StepState:
     step_in_epoch: int = 0
     global_step: int = 0
     skipped_nonfinite: int = 0
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # per step: the loss (self-critical: the mean reward)
 
 
 def _advance(progress: StepState, scheduler) -> None:
@@ -74,9 +86,10 @@ def _advance(progress: StepState, scheduler) -> None:
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, scaler,
                     device: torch.device, cfg: TrainConfig, progress: StepState, total_steps: int,
-                    on_step: Callable[[], bool] | None = None) -> float:
-    """Train over `loader` (already positioned for a resume) -> mean loss. `on_step` runs after every step and
-    returns True to stop early (a signal arrived); it is where mid-epoch checkpoints are written."""
+                    on_step: Callable[[], bool] | None = None, rewards: SampleRewards | None = None) -> float:
+    """Train over `loader` (already positioned for a resume) -> mean loss, or with `rewards` (self-critical
+    training) the mean reward of the sampled captions. `on_step` runs after every step and returns True to stop
+    early (a signal arrived); it is where mid-epoch checkpoints are written."""
     model.train()
     bar = tqdm(loader, desc=f"epoch {progress.epoch}", disable=not is_main(), leave=False, dynamic_ncols=True)
     for batch in bar:
@@ -88,10 +101,16 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         image_index = batch["image_index"].to(device, non_blocking=True)
         sample_prob = cfg.scheduled_sampling * min(1.0, progress.global_step / max(1, total_steps))
         with autocast(device, cfg.amp):
-            logits, alphas = model(inputs, captions, image_index, sample_prob)
-            loss = caption_loss(logits, captions, alphas, cfg.label_smoothing, cfg.attention_penalty)
+            if rewards is None:
+                logits, alphas = model(inputs, captions, image_index, sample_prob)
+                loss = caption_loss(logits, captions, alphas, cfg.label_smoothing, cfg.attention_penalty)
+            else:
+                tokens, token_logp = model(inputs, None, samples=cfg.scst_samples, max_len=cfg.max_decode_len)
+                sample_rewards = rewards(batch["index"], tokens)  # (B, K)
+                loss = self_critical_loss(tokens, token_logp, sample_rewards)
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
+        tracked = loss_value if rewards is None else sample_rewards.mean().item()
         if not math.isfinite(loss_value):
             progress.skipped_nonfinite += 1
             if progress.skipped_nonfinite > 10:
@@ -105,9 +124,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            progress.losses.append(loss_value)
+            progress.losses.append(tracked)
         _advance(progress, scheduler)
-        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.set_postfix({"loss" if rewards is None else "reward": f"{tracked:.3f}",
+                         "lr": f"{optimizer.param_groups[0]['lr']:.2e}"})
         if on_step is not None and on_step():
             break
     return sum(progress.losses) / max(1, len(progress.losses))

@@ -29,7 +29,7 @@ def _check_keys(refs: Mapping[K, Any], hyps: Mapping[K, Any]) -> None:
                              "(an empty string is allowed and scores 0)")
 
 
-def _ngram_counts(words: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
+def ngram_counts(words: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
     """Counts of all 1..n-grams of `words`."""
     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
 
@@ -47,8 +47,8 @@ def bleu(refs: Mapping[K, list[list[str]]], hyps: Mapping[K, list[str]], n: int 
     for key, hyp in hyps.items():
         clip: Counter[tuple[str, ...]] = Counter()
         for ref in refs[key]:
-            clip |= _ngram_counts(ref, n)  # the most times each n-gram occurs in one reference
-        for gram, count in _ngram_counts(hyp, n).items():
+            clip |= ngram_counts(ref, n)  # the most times each n-gram occurs in one reference
+        for gram, count in ngram_counts(hyp, n).items():
             correct[len(gram) - 1] += min(count, clip[gram])
         for k in range(n):
             guessed[k] += max(0, len(hyp) - k)

@@ -37,7 +37,8 @@ from captioning.engine import StepState, predict, resolve_device, train_one_epoc
 from captioning.metrics import score_captions
 from captioning.models import Captioner
 from captioning.models.decoder import load_word_vectors
-from captioning.vocab import Vocabulary
+from captioning.rewards import SampleRewards
+from captioning.vocab import Vocabulary, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epo
         return warm
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _set_self_critical_lr(optimizer: torch.optim.Optimizer, cfg: Config) -> None:
+    """The self-critical epochs run at the constant train.scst_lr (a trained encoder at the same fraction of its
+    rate); the cross-entropy schedule is not stepped in them."""
+    ratio = cfg.train.scst_lr / cfg.train.lr
+    for group, lr in zip(optimizer.param_groups, (cfg.train.lr, cfg.train.encoder_lr)):
+        group["lr"] = lr * ratio
 
 
 def _rng_state() -> dict[str, Any]:
@@ -205,15 +214,24 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                 checkpoint(out_dir / "last.pt")
             return stop.signal is not None
 
-        while progress.epoch < cfg.train.epochs:
+        total_epochs = cfg.train.epochs + cfg.train.scst_epochs
+        rewards = None
+        while progress.epoch < total_epochs:
             started = time.time()
+            self_critical = progress.epoch >= cfg.train.epochs
+            if self_critical and rewards is None:
+                rewards = SampleRewards([[tokenize(c) for c in s.captions] for s in train_src.samples], vocab)
+                _set_self_critical_lr(optimizer, cfg)
+                if progress.epoch == cfg.train.epochs and progress.step_in_epoch == 0:
+                    best["bad_epochs"] = 0  # patience starts again for the new objective
             train_ds.set_epoch(progress.epoch)
             train_sampler.set_epoch(progress.epoch, skip=progress.step_in_epoch * cfg.train.batch_size)
             loader = DataLoader(train_ds, cfg.train.batch_size, sampler=train_sampler, collate_fn=collate_train,
                                 generator=torch.Generator().manual_seed(cfg.train.seed + progress.epoch),
                                 **loader_args)
-            train_loss = train_one_epoch(net, loader, optimizer, scheduler, scaler, device, cfg.train, progress,
-                                         cfg.train.epochs * steps_per_epoch, on_step)
+            train_loss = train_one_epoch(net, loader, optimizer, None if self_critical else scheduler, scaler, device,
+                                         cfg.train, progress, cfg.train.epochs * steps_per_epoch, on_step,
+                                         rewards=rewards)
             if stop.signal is not None:
                 log.warning("stopped by signal %d at epoch %d step %d; checkpoint %s (continue with --resume)",
                             stop.signal, progress.epoch, progress.step_in_epoch, out_dir / "last.pt")
@@ -230,16 +248,21 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                 raise SystemExit(128 + stop.signal)
             scores = score_captions({i: val_refs[i] for i in predictions}, predictions, meteor=False)
             score = scores[cfg.train.select_metric]
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and not self_critical:
                 scheduler.step(score)
             improved = score > best["score"]
             if improved:
                 best.update(score=score, epoch=progress.epoch, bad_epochs=0)
             else:
                 best["bad_epochs"] += 1
-            record = {"epoch": progress.epoch, "step": progress.global_step, "train_loss": train_loss,
+            loss_name = "reward" if self_critical else "loss"
+            record = {"epoch": progress.epoch, "step": progress.global_step, f"train_{loss_name}": train_loss,
                       "lr": optimizer.param_groups[0]["lr"], "val": scores, "seconds": round(time.time() - started, 1)}
-            progress.epoch += 1
+            patience = cfg.train.early_stop_patience
+            out_of_patience = bool(patience) and best["bad_epochs"] >= patience
+            stop_run = out_of_patience and (self_critical or not cfg.train.scst_epochs)
+            # out of patience in cross-entropy training with self-critical epochs to come: on to those
+            progress.epoch = cfg.train.epochs if out_of_patience and not stop_run else progress.epoch + 1
             progress.step_in_epoch = 0
             progress.losses = []
             checkpoint(out_dir / "last.pt")
@@ -248,14 +271,14 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             if is_main():
                 with open(out_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                print(f"epoch {record['epoch'] + 1}/{cfg.train.epochs}  loss {train_loss:.3f}  "
+                print(f"epoch {record['epoch'] + 1}/{total_epochs}  {loss_name} {train_loss:.3f}  "
                       f"val BLEU-4 {scores['Bleu_4']:.3f} CIDEr {scores['CIDEr']:.3f}  "
                       f"best {cfg.train.select_metric} {best['score']:.3f} (epoch {best['epoch'] + 1})  "
                       f"lr {record['lr']:.1e}  {record['seconds']:.0f}s", flush=True)
-            patience = cfg.train.early_stop_patience
-            if patience and best["bad_epochs"] >= patience:
-                if is_main():
-                    print(f"early stop: no {cfg.train.select_metric} gain in {patience} epochs", flush=True)
+                if out_of_patience:
+                    then = "" if stop_run else "; self-critical training follows"
+                    print(f"early stop: no {cfg.train.select_metric} gain in {patience} epochs{then}", flush=True)
+            if stop_run:
                 break
     if is_main():
         print(f"done: best {cfg.train.select_metric} {best['score']:.4f} at epoch {best['epoch'] + 1}; "

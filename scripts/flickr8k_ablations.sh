@@ -6,10 +6,11 @@
 #   EPOCHS=4 FLICKR8K=/data/flickr8k IMAGES=/data/flickr8k/images WEIGHTS=mobilenet_v2.pth CACHE=runs/features/f8k \
 #       bash scripts/flickr8k_ablations.sh
 #
-# Each variant trains EPOCHS epochs (default 2, the cosine schedule shortened to match) from the shared feature
-# cache into runs/ablations/<variant>/; the last lines print each variant's dev BLEU-4 and CIDEr at its best-CIDEr
-# epoch (greedy decoding, as in the per-epoch validation). finetune_top trains MobileNetV2's last two stages, so it
-# runs the encoder in the loop on the JPEGs (no cache) and is several times slower than the others.
+# Each variant trains EPOCHS epochs of cross-entropy (default 2, the cosine schedule shortened to match; no
+# self-critical epochs) from the shared feature cache into runs/ablations/<variant>/; the last lines print each
+# variant's dev BLEU-4 and CIDEr at its best-CIDEr epoch (greedy decoding, as in the per-epoch validation).
+# finetune_top trains MobileNetV2's last two stages, so it runs the encoder in the loop on the JPEGs (no cache) and is
+# several times slower than the others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -46,7 +47,7 @@ for name in "${names[@]}"; do
   "$PY" scripts/train.py --config configs/flickr8k_attention.yaml "${resume[@]}" --set \
     data.root="$FLICKR8K" data.image_dir="$IMAGES" model.encoder_weights="$WEIGHTS" data.feature_cache="$CACHE" \
     data.num_workers=0 \
-    train.epochs="$EPOCHS" train.out_dir="$out" ${VARIANTS[$name]}
+    train.epochs="$EPOCHS" train.scst_epochs=0 train.out_dir="$out" ${VARIANTS[$name]}
 done
 
 "$PY" - "${names[@]}" <<'EOF'

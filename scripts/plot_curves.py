@@ -1,4 +1,4 @@
-"""Plot training curves (train loss, validation BLEU-4 and CIDEr per epoch) of one or more runs into a PNG.
+"""Plot training curves (training loss, validation BLEU-4 and CIDEr per epoch) of one or more runs into a PNG.
 
     python scripts/plot_curves.py runs/flickr8k_attention runs/flickr8k_show_tell --out docs/flickr8k_curves.png
 """
@@ -21,7 +21,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    panels = [("training loss", lambda r: r["train_loss"]),
+    # self-critical epochs record the mean reward instead of a loss: no point there
+    panels = [("training loss (cross-entropy epochs)", lambda r: r.get("train_loss", float("nan"))),
               ("validation BLEU-4 (greedy decoding)", lambda r: r["val"]["Bleu_4"]),
               ("validation CIDEr (greedy decoding)", lambda r: r["val"]["CIDEr"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.8))

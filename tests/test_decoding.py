@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from captioning.config import ModelConfig
-from captioning.decoding import beam_search, decode, sample_search
+from captioning.decoding import beam_search, decode, rollout, sample_search
 from captioning.models.decoder import build_decoder
 from captioning.vocab import END_ID, PAD_ID, START_ID
 
@@ -255,6 +255,28 @@ def test_sampled_scores_are_the_tempered_log_probability():
     (h,) = sample_search(decoder, grid, pooled, max_len=12, temperature=1.0)
     score, _ = _teacher_forced(decoder, grid, pooled, h.tokens, ended=len(h.tokens) < 12)
     assert h.score == pytest.approx(score, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["attention", "show_tell"])
+def test_rollout_samples_per_image_with_differentiable_word_log_probabilities(kind):
+    """Self-critical training's rollout: K samples per image, rows image-major, each token's log-probability that
+    of the model (0 after <end>, where the row is <pad>), and gradients reach the decoder's weights."""
+    decoder = _decoder(kind)
+    grid, pooled = _inputs(batch=3)
+    K = 4
+    torch.manual_seed(0)
+    tokens, token_logp, _ = rollout(decoder, grid, pooled, max_len=12, temperature=1.0, samples=K)
+    assert tokens.shape == token_logp.shape and tokens.size(0) == 3 * K
+    assert len({tuple(row) for row in tokens.tolist()}) > 3  # samples differ, within and across images
+    for r, ids in enumerate(tokens.tolist()):
+        ended = END_ID in ids
+        n = ids.index(END_ID) if ended else len(ids)
+        assert all(w == PAD_ID for w in ids[n + 1:]) and (token_logp[r, n + 1:] == 0).all()
+        i = r // K
+        expected, _ = _teacher_forced(decoder, grid[i:i + 1], pooled[i:i + 1], ids[:n], ended)
+        assert token_logp[r].sum().item() == pytest.approx(expected, abs=1e-4)
+    token_logp.sum().backward()
+    assert decoder.out.weight.grad.abs().sum() > 0 and decoder.embed.weight.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------------------- max_len

@@ -9,10 +9,12 @@ import shutil
 
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor import meteor as pycoco_meteor
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from captioning.metrics import bleu, score_captions
+from captioning.rewards import CiderD
 from captioning.vocab import tokenize
 
 java = pytest.mark.skipif(shutil.which("java") is None, reason="needs java on PATH")
@@ -42,6 +44,17 @@ def random_corpus(seed: int) -> tuple[dict, dict]:
 def test_bleu_equals_pycocoevalcap_on_random_corpora(seed: int, n: int) -> None:
     refs, hyps = random_corpus(seed)
     assert bleu(refs, hyps, n) == pytest.approx(coco_bleu(refs, hyps, n), abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_cider_d_reward_equals_pycocoevalcap_per_image(seed: int) -> None:
+    """Built from the same references it scores, the reward's document frequencies are the toolkit's."""
+    refs, hyps = random_corpus(seed)
+    hyps[0] = refs[0][0]  # an exact reference, beside random and empty hypotheses
+    _, per_image = Cider().compute_score({k: [" ".join(r) for r in rs] for k, rs in refs.items()},
+                                         {k: [" ".join(h)] for k, h in hyps.items()})
+    cider = CiderD([refs[k] for k in range(len(refs))])
+    assert [cider(k, hyps[k]) for k in range(len(refs))] == pytest.approx(list(per_image), abs=1e-9)
 
 
 CAPTION_SETS = [

@@ -109,7 +109,8 @@ class TrainDataset(Dataset):
 
 
 def collate_train(items: list) -> dict[str, torch.Tensor]:
-    """-> inputs (B, ...), captions (B*k, T) padded with <pad>, image_index (B*k,) row of each caption's image."""
+    """-> inputs (B, ...), captions (B*k, T) padded with <pad>, image_index (B*k,) row of each caption's image,
+    index (B,) dataset index of each image."""
     items = [it for it in items if it is not None]
     if not items:
         return {}
@@ -117,7 +118,8 @@ def collate_train(items: list) -> dict[str, torch.Tensor]:
     caps = [c for _, cs, _ in items for c in cs]
     image_index = torch.tensor([b for b, (_, cs, _) in enumerate(items) for _ in cs])
     captions = torch.nn.utils.rnn.pad_sequence(caps, batch_first=True, padding_value=PAD_ID)
-    return {"inputs": inputs, "captions": captions, "image_index": image_index}
+    index = torch.tensor([i for _, _, i in items])
+    return {"inputs": inputs, "captions": captions, "image_index": image_index, "index": index}
 
 
 class EvalDataset(Dataset):

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from captioning import decoding  # the module: decoding imports models.decoder, which imports this package
 from captioning.checkpoint import CheckpointError, load_checkpoint
 from captioning.config import Config, ConfigError, ModelConfig
 from captioning.models.decoder import build_decoder
@@ -29,12 +30,20 @@ class Captioner(nn.Module):
             return grid, pool(grid)
         return self.encoder(inputs)
 
-    def forward(self, inputs: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor | None = None,
-                sample_prob: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Teacher-forced training pass. inputs: B images or cached features; captions (R, T) with image_index (R,)
-        naming each caption's image (several captions may share one encoded image)
-        -> logits (R, T-1, V), attention (R, T-1, N) or None."""
+    def forward(self, inputs: torch.Tensor, captions: torch.Tensor | None, image_index: torch.Tensor | None = None,
+                sample_prob: float = 0.0, samples: int = 5, max_len: int = 20
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training pass; inputs: B images or cached features.
+
+        Teacher forcing: captions (R, T) with image_index (R,) naming each caption's image (several captions may share
+        one encoded image) -> logits (R, T-1, V), attention (R, T-1, N) or None.
+        Self-critical: captions None -> `samples` sampled captions per image, tokens (B*samples, T) and the
+        log-probability of each token (B*samples, T). Both go through forward so that DistributedDataParallel sees
+        them."""
         grid, pooled = self.encode(inputs)
+        if captions is None:
+            tokens, token_logp, _ = decoding.rollout(self.decoder, grid, pooled, max_len, 1.0, samples)
+            return tokens, token_logp
         return self.decoder(grid, pooled, captions, image_index, sample_prob)
 
 
