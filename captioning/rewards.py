@@ -63,7 +63,6 @@ class CiderD:
         return 10.0 * total / self.n / len(refs)
 
 
-
 class SampleRewards:
     """Sampled captions (word ids) of a batch of training images -> their CIDEr-D rewards."""
 
