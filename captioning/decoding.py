@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from captioning.models.decoder import CaptionDecoder, select_rows
-from captioning.vocab import END_ID, PAD_ID, START_ID
+from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
 
 @dataclass
@@ -21,25 +21,42 @@ class Hypothesis:
     attention: torch.Tensor | None  # (len(tokens), N) weights over the grid for each word; None without attention
 
 
-def _log_probs(logits: torch.Tensor, finished: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """logits (R, V) -> log-probabilities where <pad>/<start> are never produced and a finished row can only add
-    <pad> at zero cost (so its score stays put)."""
+def _log_probs(logits: torch.Tensor, finished: torch.Tensor, temperature: float = 1.0,
+               banned: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (R, V) -> log-probabilities where <pad>/<start>/<unk> and the `banned` (R, V) words are never produced
+    and a finished row can only add <pad> at zero cost (so its score stays put). The words left keep the model's
+    probabilities: nothing is renormalised."""
     logp = (logits.float() / temperature).log_softmax(-1)
     never = torch.zeros_like(logp[0])
-    never[PAD_ID] = never[START_ID] = float("-inf")
+    never[PAD_ID] = never[START_ID] = never[UNK_ID] = float("-inf")
     logp = logp + never  # not in place: self-critical training takes gradients through log_softmax
+    if banned is not None:
+        logp = logp.masked_fill(banned, float("-inf"))
     done_row = torch.full_like(logp[0], float("-inf"))
     done_row[PAD_ID] = 0.0
     return torch.where(finished.unsqueeze(-1), done_row, logp)
 
 
+def repeated_ngrams(tokens: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor | None:
+    """Words that would repeat an n-gram: tokens (R, t) -> (R, V) True where appending the word makes an n-gram that
+    already occurs in its row; None when no row is long enough (or n is 0)."""
+    R, t = tokens.shape
+    if n <= 0 or t < n:
+        return None
+    grams = tokens.unfold(1, n, 1)  # (R, t-n+1, n)
+    repeats = (grams[..., :-1] == tokens[:, t - n + 1:].unsqueeze(1)).all(-1)  # (R, t-n+1): prefix = last n-1 words
+    hits = torch.zeros(R, vocab_size, device=tokens.device)
+    return hits.scatter_add_(1, grams[..., -1], repeats.float()) > 0
+
+
 def rollout(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tensor, max_len: int = 20,
-            temperature: float | None = None, samples: int = 1
+            temperature: float | None = None, samples: int = 1, no_repeat_ngram: int = 0
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Greedy decoding (temperature None) or sampling at a temperature, `samples` captions per image, differentiable
     (self-critical training takes gradients through it) -> tokens (B*samples, T) ending in <end> then <pad>,
     log-probability of each token (B*samples, T; 0 after <end>), attention (B*samples, T, N) or None. Rows are
-    image-major: row i*samples + j is image i's sample j."""
+    image-major: row i*samples + j is image i's sample j. `no_repeat_ngram` n > 0 never repeats an n-gram within a
+    caption."""
     B = pooled.size(0)
     state, memory = decoder.init(grid, pooled)
     if samples > 1:
@@ -50,7 +67,10 @@ def rollout(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tensor, m
     tokens, token_logp, alphas = [], [], []
     for _ in range(max_len):
         logits, state, alpha = decoder.step(words, state, memory)
-        logp = _log_probs(logits, finished, temperature or 1.0)
+        banned = None
+        if no_repeat_ngram and tokens:
+            banned = repeated_ngrams(torch.stack(tokens, 1), no_repeat_ngram, logits.size(-1))
+        logp = _log_probs(logits, finished, temperature or 1.0, banned)
         with torch.no_grad():
             if temperature is None:
                 words = logp.argmax(-1)
@@ -70,18 +90,20 @@ def rollout(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tensor, m
 
 @torch.no_grad()
 def sample_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tensor, max_len: int = 20,
-                  temperature: float | None = None) -> list[Hypothesis]:
+                  temperature: float | None = None, no_repeat_ngram: int = 3) -> list[Hypothesis]:
     """Greedy decoding (temperature None) or sampling at a temperature; one hypothesis per image."""
-    tokens, token_logp, alphas = rollout(decoder, grid, pooled, max_len, temperature)
+    tokens, token_logp, alphas = rollout(decoder, grid, pooled, max_len, temperature, no_repeat_ngram=no_repeat_ngram)
     return _hypotheses(tokens, token_logp.sum(1), alphas.float().cpu() if alphas is not None else None)
 
 
 @torch.no_grad()
 def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tensor, beam_size: int = 3,
-                max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1) -> list[list[Hypothesis]]:
+                max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1, no_repeat_ngram: int = 3
+                ) -> list[list[Hypothesis]]:
     """Batched beam search -> for each image its `n_best` hypotheses, best first.
 
-    Final scores are divided by length**length_penalty (0 = plain log-probability, 1 = per-word average).
+    Final scores are divided by length**length_penalty (0 = plain log-probability, 1 = per-word average). With
+    `no_repeat_ngram` n > 0 no caption repeats an n-gram ("a man in a red shirt and a red shirt" at n = 3).
     """
     B, K = pooled.size(0), beam_size
     if not 1 <= n_best <= K:
@@ -99,8 +121,9 @@ def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tenso
     row_offset = torch.arange(B, device=device).unsqueeze(1) * K  # (B, 1)
     for _ in range(max_len):
         logits, state, alpha = decoder.step(words, state, memory)
-        logp = _log_probs(logits, finished.view(-1)).view(B, K, -1)  # (B, K, V)
-        V = logp.size(-1)
+        V = logits.size(-1)
+        banned = repeated_ngrams(tokens.view(B * K, -1), no_repeat_ngram, V)
+        logp = _log_probs(logits, finished.view(-1), banned=banned).view(B, K, V)
         scores, flat = (scores.unsqueeze(-1) + logp).view(B, K * V).topk(K, dim=-1)  # (B, K)
         origin, words = flat // V, flat % V  # which beam each survivor extends, with which word
         state = tuple(s.index_select(1, (origin + row_offset).view(-1)) for s in state)
@@ -138,8 +161,8 @@ def _hypotheses(tokens: torch.Tensor, scores: torch.Tensor, alphas: torch.Tensor
 
 def decode(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tensor, beam_size: int = 1,
            max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1,
-           temperature: float | None = None) -> list[list[Hypothesis]]:
+           temperature: float | None = None, no_repeat_ngram: int = 3) -> list[list[Hypothesis]]:
     """One entry point: sampling when a temperature is given, else beam search (beam_size 1 = greedy)."""
     if temperature is not None or (beam_size == 1 and n_best == 1):
-        return [[h] for h in sample_search(decoder, grid, pooled, max_len, temperature)]
-    return beam_search(decoder, grid, pooled, beam_size, max_len, length_penalty, n_best)
+        return [[h] for h in sample_search(decoder, grid, pooled, max_len, temperature, no_repeat_ngram)]
+    return beam_search(decoder, grid, pooled, beam_size, max_len, length_penalty, n_best, no_repeat_ngram)

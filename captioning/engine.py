@@ -91,7 +91,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     training) the mean reward of the sampled captions. `on_step` runs after every step and returns True to stop
     early (a signal arrived); it is where mid-epoch checkpoints are written."""
     model.train()
-    bar = tqdm(loader, desc=f"epoch {progress.epoch}", disable=not is_main(), leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {progress.epoch + 1}", disable=not is_main(), leave=False, dynamic_ncols=True)
     for batch in bar:
         if not batch:  # every image of the batch was unreadable (each already reported); the step still counts
             _advance(progress, scheduler)
@@ -136,7 +136,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 @torch.no_grad()
 def predict(model: Captioner, loader, device: torch.device, beam_size: int = 1, max_len: int = 20,
             length_penalty: float = 0.0, amp: bool = True, desc: str = "decode",
-            should_stop: Callable[[], bool] | None = None) -> dict[int, str]:
+            should_stop: Callable[[], bool] | None = None, no_repeat_ngram: int = 3) -> dict[int, str]:
     """Decode every image of `loader` (items carry dataset indices) -> {index: caption}. Under torchrun each rank
     decodes its shard and the results are gathered on every rank. `should_stop` is asked before every batch; once it
     returns True (a signal arrived) decoding ends, with the captions of the images decoded so far."""
@@ -149,7 +149,8 @@ def predict(model: Captioner, loader, device: torch.device, beam_size: int = 1, 
             continue
         with autocast(device, amp):
             grid, pooled = model.encode(batch["inputs"].to(device, non_blocking=True))
-            hyps = decode(model.decoder, grid, pooled, beam_size, max_len, length_penalty)
+            hyps = decode(model.decoder, grid, pooled, beam_size, max_len, length_penalty,
+                          no_repeat_ngram=no_repeat_ngram)
         for i, h in zip(batch["index"].tolist(), hyps):
             predictions[i] = " ".join(model.vocab.decode(h[0].tokens))
     merged: dict[int, str] = {}
@@ -159,9 +160,10 @@ def predict(model: Captioner, loader, device: torch.device, beam_size: int = 1, 
 
 
 def evaluate(model: Captioner, loader, references: list[list[str]], device: torch.device, beam_size: int = 1,
-             max_len: int = 20, length_penalty: float = 0.0, amp: bool = True, meteor: bool = False
-             ) -> tuple[dict, dict[int, str]]:
+             max_len: int = 20, length_penalty: float = 0.0, amp: bool = True, meteor: bool = False,
+             no_repeat_ngram: int = 3) -> tuple[dict, dict[int, str]]:
     """Decode and score against the references -> (scores, predictions). Real decoding, not teacher forcing."""
-    predictions = predict(model, loader, device, beam_size, max_len, length_penalty, amp)
+    predictions = predict(model, loader, device, beam_size, max_len, length_penalty, amp,
+                          no_repeat_ngram=no_repeat_ngram)
     refs = {i: references[i] for i in predictions}
     return score_captions(refs, predictions, meteor=meteor), predictions

@@ -28,6 +28,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--max-len", type=int, default=20)
     p.add_argument("--length-penalty", type=float, default=0.0, help="divide beam scores by length**this")
+    p.add_argument("--no-repeat-ngram", type=int, default=3, metavar="N",
+                   help="never repeat an N-gram within a caption (0 = allow repeats)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default="auto")
@@ -51,13 +53,15 @@ def main(args: argparse.Namespace) -> dict:
     loader = DataLoader(dataset, args.batch_size, collate_fn=collate_eval, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
     scores, predictions = evaluate(model, loader, [s.captions for s in source.samples], device, args.beam_size,
-                                   args.max_len, args.length_penalty, meteor=not args.no_meteor)
+                                   args.max_len, args.length_penalty, meteor=not args.no_meteor,
+                                   no_repeat_ngram=args.no_repeat_ngram)
     out = Path(args.out or Path(args.checkpoint).parent)
     out.mkdir(parents=True, exist_ok=True)
     results = [{"image_id": source.samples[i].image_id, "caption": c} for i, c in sorted(predictions.items())]
     (out / f"captions_{args.split}.json").write_text(json.dumps(results, indent=1))
     report = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(results),
-              "beam_size": args.beam_size, "length_penalty": args.length_penalty, **scores}
+              "beam_size": args.beam_size, "length_penalty": args.length_penalty,
+              "no_repeat_ngram": args.no_repeat_ngram, **scores}
     (out / f"scores_{args.split}.json").write_text(json.dumps(report, indent=2))
     names = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
     print("  ".join(f"{n} {scores[n]:.4f}" for n in names if n in scores))

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from captioning.config import ModelConfig
-from captioning.decoding import beam_search, decode, rollout, sample_search
+from captioning.decoding import beam_search, decode, repeated_ngrams, rollout, sample_search
 from captioning.models.decoder import build_decoder
-from captioning.vocab import END_ID, PAD_ID, START_ID
+from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,8 +93,8 @@ def test_beam_size_one_equals_greedy(kind):
 def test_greedy_scores_are_the_log_probability_of_the_caption(kind):
     decoder = _decoder(kind)
     grid, pooled = _inputs(batch=3)
-    for i, h in enumerate(sample_search(decoder, grid, pooled, max_len=12)):
-        assert PAD_ID not in h.tokens and START_ID not in h.tokens and END_ID not in h.tokens
+    for i, h in enumerate(sample_search(decoder, grid, pooled, max_len=12, no_repeat_ngram=0)):
+        assert not {PAD_ID, START_ID, UNK_ID, END_ID} & set(h.tokens)
         score, _ = _teacher_forced(decoder, grid[i:i + 1], pooled[i:i + 1], h.tokens, ended=len(h.tokens) < 12)
         assert h.score == pytest.approx(score, abs=1e-4)
         # Greedy: at each step the chosen word is the argmax.
@@ -102,7 +102,7 @@ def test_greedy_scores_are_the_log_probability_of_the_caption(kind):
         words = torch.tensor([START_ID])
         for w in h.tokens:
             logits, state, _ = decoder.step(words, state, memory)
-            logits[:, [PAD_ID, START_ID]] = float("-inf")
+            logits[:, [PAD_ID, START_ID, UNK_ID]] = float("-inf")
             assert logits.argmax(-1).item() == w
             words = torch.tensor([w])
 
@@ -279,6 +279,65 @@ def test_rollout_samples_per_image_with_differentiable_word_log_probabilities(ki
     assert decoder.out.weight.grad.abs().sum() > 0 and decoder.embed.weight.grad.abs().sum() > 0
 
 
+# ------------------------------------------------------------------------------------------- repeats and <unk>
+
+def _has_repeat(tokens: list[int], n: int) -> bool:
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_repeated_ngrams_bans_the_word_that_would_repeat():
+    tokens = torch.tensor([[5, 6, 7, 5, 6], [5, 6, 7, 8, 9]])
+    banned = repeated_ngrams(tokens, 3, vocab_size=10)
+    assert banned[0].nonzero().flatten().tolist() == [7]  # "5 6" was followed by 7
+    assert not banned[1].any()
+    assert repeated_ngrams(tokens, 2, 10)[0].nonzero().flatten().tolist() == [7]  # "6" was followed by 7
+    assert not repeated_ngrams(tokens, 4, 10).any()
+    assert repeated_ngrams(tokens, 1, 10)[1].nonzero().flatten().tolist() == [5, 6, 7, 8, 9]
+    assert repeated_ngrams(tokens[:, :2], 3, 10) is None and repeated_ngrams(tokens, 0, 10) is None
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_no_caption_repeats_an_ngram(n, beam_size):
+    decoder = _decoder("attention", seed=3)
+    with torch.no_grad():
+        decoder.out.bias[END_ID] -= 4.0  # long captions over 15 words: repeats are likely
+    grid, pooled = _inputs(batch=8)
+    free = decode(decoder, grid, pooled, beam_size=beam_size, max_len=16, no_repeat_ngram=0)
+    assert any(_has_repeat(h.tokens, n) for (h, *_) in free)  # without the ban, this decoder repeats itself
+    banned = decode(decoder, grid, pooled, beam_size=beam_size, max_len=16, n_best=beam_size, no_repeat_ngram=n)
+    for i, hyps in enumerate(banned):
+        for h in hyps:
+            assert not _has_repeat(h.tokens, n)
+            score, _ = _teacher_forced(decoder, grid[i:i + 1], pooled[i:i + 1], h.tokens, ended=len(h.tokens) < 16)
+            assert h.score == pytest.approx(score, abs=1e-4)  # the model's own probability of the caption
+
+
+def test_the_ban_keeps_the_model_probabilities_of_the_other_words():
+    a, b, c = 4, 5, 6
+    # Loves "a b a b ...": with bigram repeats banned, "a b a" cannot go on with b and takes its second choice, c.
+    loops = _markov({START_ID: {a: 0.9, c: 0.1}, a: {b: 0.9, c: 0.1}, b: {a: 0.7, c: 0.2, END_ID: 0.1},
+                     c: {END_ID: 0.9, a: 0.1}}, vocab_size=7)
+    grid, pooled = torch.zeros(1, 1, 1), torch.zeros(1)
+    (h,) = sample_search(loops, grid, pooled, max_len=10, no_repeat_ngram=2)
+    assert h.tokens == [a, b, a, c]
+    assert h.score == pytest.approx(math.log(0.9 * 0.9 * 0.7 * 0.1 * 0.9), abs=1e-4)  # not renormalised
+    assert sample_search(loops, grid, pooled, max_len=6, no_repeat_ngram=0)[0].tokens == [a, b] * 3
+    ((best,),) = beam_search(loops, grid, pooled, beam_size=3, max_len=10, no_repeat_ngram=2)
+    assert not _has_repeat(best.tokens, 2)
+
+
+def test_unk_is_never_produced():
+    decoder = _decoder("attention")
+    with torch.no_grad():
+        decoder.out.bias[UNK_ID] += 50.0  # the model's favourite word
+    grid, pooled = _inputs(batch=3)
+    for mode in [{}, {"beam_size": 3, "n_best": 3}, {"temperature": 1.0}]:
+        for hyps in decode(decoder, grid, pooled, max_len=8, **mode):
+            assert all(UNK_ID not in h.tokens for h in hyps)
+
+
 # ---------------------------------------------------------------------------------------------------------- max_len
 
 @pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
@@ -288,7 +347,7 @@ def test_max_len_is_respected(mode):
     grid, pooled = torch.zeros(2, 1, 1), torch.zeros(2, 1)
     kwargs = {"greedy": {}, "sample": {"temperature": 1.0}, "beam": {"beam_size": 3, "n_best": 3}}[mode]
     torch.manual_seed(0)
-    for hyps in decode(never_ends, grid, pooled, max_len=7, **kwargs):
+    for hyps in decode(never_ends, grid, pooled, max_len=7, no_repeat_ngram=0, **kwargs):
         for h in hyps:
             assert len(h.tokens) == 7
     decoder = _decoder("attention")
