@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Short Flickr8k runs of configs/flickr8k_attention.yaml that each change one thing, scored on the dev split.
+# Short Flickr8k runs of configs/flickr8k_attention.yaml at 224 px and a peak rate of 1e-3 (the settings these
+# variants were measured at) that each change one thing, scored on the dev split.
 #
 #   bash scripts/flickr8k_ablations.sh                        # every variant, data in data/flickr8k
 #   bash scripts/flickr8k_ablations.sh baseline dropout_0.2   # some of them
@@ -46,7 +47,7 @@ for name in "${names[@]}"; do
   # shellcheck disable=SC2086  # the variant's overrides are separate words
   "$PY" scripts/train.py --config configs/flickr8k_attention.yaml "${resume[@]}" --set \
     data.root="$FLICKR8K" data.image_dir="$IMAGES" model.encoder_weights="$WEIGHTS" data.feature_cache="$CACHE" \
-    data.num_workers=0 \
+    data.num_workers=0 data.image_size=224 train.lr=1e-3 \
     train.epochs="$EPOCHS" train.scst_epochs=0 train.out_dir="$out" ${VARIANTS[$name]}
 done
 
