@@ -126,7 +126,7 @@ def _input_loaders(cfg: Config, model: Captioner, preprocess: Preprocess, train_
         folder = Path(cfg.data.feature_cache)
         if is_main() and not (folder / f"{split}.json").exists():
             extract_features(model.encoder, source, preprocess, folder, split, record, device,
-                             cfg.train.batch_size, cfg.data.num_workers)
+                             num_workers=cfg.data.num_workers)
         barrier()
         loaders.append(FeatureLoader(folder, split, record))
     if cfg.data.augment:

@@ -21,7 +21,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
     p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val", "test"])
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="images per encoder forward (default: 64 on a GPU, 8 on a CPU)")
     return p
 
 

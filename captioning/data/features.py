@@ -34,10 +34,14 @@ def cache_record(cfg: Config, preprocess: Preprocess, source: CaptionSource) -> 
 
 @torch.no_grad()
 def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess: Preprocess, folder: str | Path,
-                     split: str, record: dict[str, Any], device: torch.device, batch_size: int = 64,
+                     split: str, record: dict[str, Any], device: torch.device, batch_size: int | None = None,
                      num_workers: int = 2) -> Path:
     """Encode every image of the split into folder/<split>.npy (+ .json). Unreadable images get zero features
-    (and a warning from the loader) so that row i always belongs to image i."""
+    (and a warning from the loader) so that row i always belongs to image i.
+
+    batch_size None: 64 images per forward on a GPU, 8 on a CPU, where larger batches push the activations out of
+    the caches (MobileNetV2 at 320 px on 2 cores: 25 ms per image at 8, 43 ms at 32, loading included)."""
+    batch_size = batch_size or (64 if device.type == "cuda" else 8)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     encoder = encoder.eval()

@@ -69,7 +69,9 @@ class Encoder(nn.Module):
         self.requires_grad_(False)
         self.trainable.requires_grad_(True)
         self.grid_size = grid_size
-        self.channels_last = True  # on CUDA, NHWC convolutions (the layout tensor cores want)
+        # NHWC convolutions: the layout tensor cores want, and oneDNN's faster path on CPUs (2 cores, batch 8:
+        # MobileNetV2 at 320 px 28 against 51 ms per image, ResNet-50 at 224 67 against 104)
+        self.channels_last = True
 
         # Preprocessing that belongs with the weights (torchvision's ImageClassification preset).
         preset = resolved.transforms() if isinstance(resolved, torchvision.models.WeightsEnum) else None
@@ -96,7 +98,7 @@ class Encoder(nn.Module):
         return len(self.trainable) == 0
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if images.is_cuda and self.channels_last:
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             x = self.trunk(images)  # (B, C, h, w)
