@@ -71,6 +71,7 @@ class TrainConfig:
     scst_epochs: int = 0  # self-critical epochs (CIDEr-D reward) after the `epochs` of cross-entropy
     scst_lr: float = 5e-5  # constant learning rate of the self-critical epochs
     scst_samples: int = 5  # captions sampled per image; each one's baseline is the mean reward of the others
+    scst_bleu_weight: float = 0.0  # the self-critical reward is CIDEr-D + this x the sample's sentence BLEU-4
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a scaler); ignored on CPU
     compile: bool = False  # torch.compile the decoder's one-word step
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -209,6 +210,8 @@ def validate(cfg: Config) -> Config:
     if cfg.train.scst_epochs and cfg.train.scst_samples < 2:
         raise ConfigError("config key 'train.scst_samples' must be at least 2: each sample's baseline is the mean "
                           "reward of the image's other samples")
+    if cfg.train.scst_bleu_weight < 0:
+        raise ConfigError("config key 'train.scst_bleu_weight' must be at least 0 (0 = CIDEr-D alone)")
     if cfg.data.captions_per_image < 1:
         raise ConfigError("config key 'data.captions_per_image' must be at least 1")
     return cfg

@@ -34,34 +34,53 @@ def ngram_counts(words: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
 
 
+def clip_counts(refs: Sequence[Sequence[str]], n: int) -> Counter[tuple[str, ...]]:
+    """The most times each 1..n-gram occurs in any one of `refs`: a hypothesis's matches are clipped to it."""
+    clip: Counter[tuple[str, ...]] = Counter()
+    for ref in refs:
+        clip |= ngram_counts(ref, n)
+    return clip
+
+
+def bleu_statistics(clip: Counter[tuple[str, ...]], ref_lengths: Sequence[int], hyp: Sequence[str],
+                    n: int) -> tuple[list[int], list[int], int, int]:
+    """One hypothesis -> its clipped 1..n-gram matches, its 1..n-gram counts, its length, and the reference length
+    closest to it (ties: the shorter), as pycocoevalcap's BleuScorer with option="closest" counts them."""
+    correct = [0] * n
+    for gram, count in ngram_counts(hyp, n).items():
+        correct[len(gram) - 1] += min(count, clip[gram])
+    guessed = [max(0, len(hyp) - k) for k in range(n)]
+    ref_length = min((abs(length - len(hyp)), length) for length in ref_lengths)[1]
+    return correct, guessed, len(hyp), ref_length
+
+
+def bleu_scores(correct: Sequence[int], guessed: Sequence[int], hyp_length: int, ref_length: int) -> list[float]:
+    """BLEU-1..n from summed statistics; the toolkit's 1e-15 / 1e-9 smoothing keeps empty counts at ~0."""
+    scores, product = [], 1.0
+    for k in range(len(correct)):
+        product *= (correct[k] + _TINY) / (guessed[k] + _SMALL)
+        scores.append(product ** (1 / (k + 1)))  # geometric mean of the 1..k+1-gram precisions
+    ratio = (hyp_length + _TINY) / (ref_length + _SMALL)
+    penalty = math.exp(1 - 1 / ratio) if ratio < 1 else 1.0
+    return [score * penalty for score in scores]
+
+
 def bleu(refs: Mapping[K, list[list[str]]], hyps: Mapping[K, list[str]], n: int = 4) -> list[float]:
     """Corpus BLEU-1..n exactly as the COCO caption toolkit computes it, on already tokenized words.
 
-    As pycocoevalcap's BleuScorer with option="closest": clipped n-gram matches and hypothesis n-grams are summed over
-    the corpus, each image's reference length is the one closest to its hypothesis length (ties: the shorter), and one
-    brevity penalty is taken from the corpus totals. Its 1e-15 / 1e-9 smoothing keeps empty counts at ~0.
+    As pycocoevalcap's BleuScorer with option="closest": the statistics of `bleu_statistics` are summed over the
+    corpus, and one brevity penalty is taken from the corpus totals.
     """
     _check_keys(refs, hyps)
     correct, guessed = [0] * n, [0] * n
     hyp_total = ref_total = 0
     for key, hyp in hyps.items():
-        clip: Counter[tuple[str, ...]] = Counter()
-        for ref in refs[key]:
-            clip |= ngram_counts(ref, n)  # the most times each n-gram occurs in one reference
-        for gram, count in ngram_counts(hyp, n).items():
-            correct[len(gram) - 1] += min(count, clip[gram])
-        for k in range(n):
-            guessed[k] += max(0, len(hyp) - k)
-        hyp_total += len(hyp)
-        ref_total += min((abs(len(ref) - len(hyp)), len(ref)) for ref in refs[key])[1]
-
-    scores, product = [], 1.0
-    for k in range(n):
-        product *= (correct[k] + _TINY) / (guessed[k] + _SMALL)
-        scores.append(product ** (1 / (k + 1)))  # geometric mean of the 1..k+1-gram precisions
-    ratio = (hyp_total + _TINY) / (ref_total + _SMALL)
-    penalty = math.exp(1 - 1 / ratio) if ratio < 1 else 1.0
-    return [score * penalty for score in scores]
+        c, g, hyp_length, ref_length = bleu_statistics(clip_counts(refs[key], n), [len(r) for r in refs[key]], hyp, n)
+        correct = [a + b for a, b in zip(correct, c)]
+        guessed = [a + b for a, b in zip(guessed, g)]
+        hyp_total += hyp_length
+        ref_total += ref_length
+    return bleu_scores(correct, guessed, hyp_total, ref_total)
 
 
 def _close_meteor(scorer: Any) -> None:

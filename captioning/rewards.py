@@ -1,4 +1,5 @@
-"""CIDEr-D as a per-caption reward for self-critical training, with document frequencies from the training corpus.
+"""CIDEr-D (plus, optionally, sentence BLEU-4) as a per-caption reward for self-critical training, with document
+frequencies from the training corpus.
 
 pycocoevalcap's CiderScorer takes its n-gram document frequencies from the captions it is asked to score, which for
 a reward means one training batch: the idf weights would change from batch to batch. Here they come from every
@@ -6,7 +7,7 @@ training image's references, computed once, together with each image's reference
 builds the hypothesis vectors. The formula is the toolkit's CIDEr-D: tf-idf n-gram vectors (n = 1..4), clipped
 cosine similarity, a Gaussian penalty on the length difference (sigma 6, lengths counted as the toolkit counts
 them), averaged over n-gram orders and references, times 10. Scored on the set it was built from, it gives
-pycocoevalcap's per-image numbers.
+pycocoevalcap's per-image numbers. Sentence BLEU is the toolkit's per-caption BLEU, from precomputed clipping counts.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from captioning.metrics import ngram_counts
+from captioning.metrics import bleu_scores, bleu_statistics, clip_counts, ngram_counts
 from captioning.vocab import Vocabulary
 
 Vector = tuple[list[dict[tuple[str, ...], float]], list[float], int]  # per-order tf-idf, per-order norm, length
@@ -63,16 +64,36 @@ class CiderD:
         return 10.0 * total / self.n / len(refs)
 
 
-class SampleRewards:
-    """Sampled captions (word ids) of a batch of training images -> their CIDEr-D rewards."""
+class SentenceBleu:
+    def __init__(self, references: Sequence[Sequence[Sequence[str]]], n: int = 4):
+        """references[i]: image i's tokenized reference captions (lists of words)."""
+        self.n = n
+        self.references = [(clip_counts(refs, n), [len(ref) for ref in refs]) for refs in references]
 
-    def __init__(self, references: Sequence[Sequence[Sequence[str]]], vocab: Vocabulary):
-        self.cider, self.vocab = CiderD(references), vocab
+    def __call__(self, image: int, hypothesis: Sequence[str]) -> float:
+        """BLEU-n of one tokenized hypothesis against training image `image`'s references, as pycocoevalcap's
+        BleuScorer scores one sentence."""
+        clip, ref_lengths = self.references[image]
+        return bleu_scores(*bleu_statistics(clip, ref_lengths, hypothesis, self.n))[-1]
+
+
+class SampleRewards:
+    """Sampled captions (word ids) of a batch of training images -> their rewards: CIDEr-D + bleu_weight x BLEU-4."""
+
+    def __init__(self, references: Sequence[Sequence[Sequence[str]]], vocab: Vocabulary, bleu_weight: float = 0.0):
+        self.cider, self.vocab, self.bleu_weight = CiderD(references), vocab, bleu_weight
+        self.bleu = SentenceBleu(references) if bleu_weight else None
+
+    def _reward(self, image: int, words: list[str]) -> float:
+        reward = self.cider(image, words)
+        if self.bleu is not None:
+            reward += self.bleu_weight * self.bleu(image, words)
+        return reward
 
     def __call__(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """images (B,) dataset indices, tokens (B*K, T) with image i's K samples in rows i*K..i*K+K-1 -> (B, K)."""
         K = tokens.size(0) // images.size(0)
         rows = tokens.tolist()  # one device-to-host copy
-        rewards = [self.cider(image, self.vocab.decode(rows[b * K + k]))
+        rewards = [self._reward(image, self.vocab.decode(rows[b * K + k]))
                    for b, image in enumerate(images.tolist()) for k in range(K)]
         return torch.tensor(rewards, device=tokens.device).view(-1, K)

@@ -220,7 +220,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             started = time.time()
             self_critical = progress.epoch >= cfg.train.epochs
             if self_critical and rewards is None:
-                rewards = SampleRewards([[tokenize(c) for c in s.captions] for s in train_src.samples], vocab)
+                rewards = SampleRewards([[tokenize(c) for c in s.captions] for s in train_src.samples], vocab,
+                                        cfg.train.scst_bleu_weight)
                 _set_self_critical_lr(optimizer, cfg)
                 if progress.epoch == cfg.train.epochs and progress.step_in_epoch == 0:
                     best["bad_epochs"] = 0  # patience starts again for the new objective

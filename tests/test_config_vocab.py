@@ -98,9 +98,12 @@ def test_invalid_choice_lists_the_choices(key, value):
         load_config(None, [f"{key}={value}"])
 
 
-def test_captions_per_image_must_be_positive():
-    with pytest.raises(ConfigError, match="captions_per_image"):
-        load_config(None, ["data.captions_per_image=0"])
+@pytest.mark.parametrize("override, key", [("data.captions_per_image=0", "captions_per_image"),
+                                           ("train.scst_bleu_weight=-1", "scst_bleu_weight"),
+                                           ("train.scst_samples=1", "scst_samples")])
+def test_out_of_range_values_are_refused(override, key):
+    with pytest.raises(ConfigError, match=f"'[a-z]+\\.{key}' must be at least"):
+        load_config(None, [override, "train.scst_epochs=1"])
 
 
 def test_int_is_accepted_for_float_and_null_for_optional():

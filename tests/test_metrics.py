@@ -14,7 +14,7 @@ from pycocoevalcap.meteor import meteor as pycoco_meteor
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from captioning.metrics import bleu, score_captions
-from captioning.rewards import CiderD
+from captioning.rewards import CiderD, SentenceBleu
 from captioning.vocab import tokenize
 
 java = pytest.mark.skipif(shutil.which("java") is None, reason="needs java on PATH")
@@ -56,6 +56,19 @@ def test_cider_d_reward_equals_pycocoevalcap_per_image(seed: int) -> None:
     cider = CiderD([refs[k] for k in range(len(refs))])
     assert [cider(k, hyps[k]) for k in range(len(refs))] == pytest.approx(list(per_image), abs=1e-9)
 
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_sentence_bleu_reward_equals_pycocoevalcap_per_image(seed: int) -> None:
+    refs, hyps = random_corpus(seed)
+    hyps[0] = refs[0][0]
+    with contextlib.redirect_stdout(io.StringIO()):
+        _, per_image = Bleu(4).compute_score({k: [" ".join(r) for r in rs] for k, rs in refs.items()},
+                                             {k: [" ".join(h)] for k, h in hyps.items()})
+    sentence_bleu = SentenceBleu([refs[k] for k in range(len(refs))])
+    assert [sentence_bleu(k, hyps[k]) for k in range(len(refs))] == pytest.approx(per_image[3], abs=1e-9)
+    if len(hyps[0]) >= 4:  # a reference itself, with at least one 4-gram
+        assert sentence_bleu(0, hyps[0]) == pytest.approx(1.0)
 
 CAPTION_SETS = [
     (  # hypotheses shorter and longer than their references

@@ -346,6 +346,19 @@ def test_self_critical_steps_raise_the_reward_of_sampled_captions():
     assert sum(history[-10:]) / 10 > sum(history[:10]) / 10 + 1.5, history
 
 
+
+def test_self_critical_reward_adds_weighted_sentence_bleu():
+    vocab = Vocabulary([*SPECIALS, "a", "red", "blue", "big", "circle", "square", "on", "the", "left"])
+    refs = [["a red circle on the left".split(), "a big red circle".split()]]
+    samples = ["a red circle on the left", "a blue square on the left", "a circle"]
+    ids = [vocab.encode(s.split())[1:] for s in samples]  # words and <end>, as sampled
+    tokens = torch.tensor([row + [PAD_ID] * (8 - len(row)) for row in ids])  # (3, 8): one image, K = 3
+    cider_only = SampleRewards(refs, vocab)(torch.tensor([0]), tokens)
+    mixed = SampleRewards(refs, vocab, bleu_weight=0.5)(torch.tensor([0]), tokens)
+    bleu4 = [bleu({0: refs[0]}, {0: s.split()})[3] for s in samples]
+    assert bleu4[0] == pytest.approx(1.0) and bleu4[2] < 1e-3  # a reference itself; no 4-gram at all
+    assert mixed[0].tolist() == pytest.approx([c + 0.5 * b for c, b in zip(cider_only[0].tolist(), bleu4)])
+
 _SCST = {"data.num_train": 32, "train.epochs": 1, "train.scst_epochs": 1, "train.scst_lr": 1e-4,
          "train.save_every_steps": 2, "train.lr": 3e-3}  # 4 steps per epoch
 
