@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from captioning.config import ModelConfig
-from captioning.decoding import beam_search, decode, repeated_ngrams, rollout, sample_search
+from captioning.decoding import ban_repeated_ngrams, beam_search, decode, rollout, sample_search
 from captioning.models.decoder import build_decoder
 from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
@@ -288,13 +288,18 @@ def _has_repeat(tokens: list[int], n: int) -> bool:
 
 def test_repeated_ngrams_bans_the_word_that_would_repeat():
     tokens = torch.tensor([[5, 6, 7, 5, 6], [5, 6, 7, 8, 9]])
-    banned = repeated_ngrams(tokens, 3, vocab_size=10)
-    assert banned[0].nonzero().flatten().tolist() == [7]  # "5 6" was followed by 7
-    assert not banned[1].any()
-    assert repeated_ngrams(tokens, 2, 10)[0].nonzero().flatten().tolist() == [7]  # "6" was followed by 7
-    assert not repeated_ngrams(tokens, 4, 10).any()
-    assert repeated_ngrams(tokens, 1, 10)[1].nonzero().flatten().tolist() == [5, 6, 7, 8, 9]
-    assert repeated_ngrams(tokens[:, :2], 3, 10) is None and repeated_ngrams(tokens, 0, 10) is None
+
+    def banned(n: int, t: int = 5) -> list[list[int]]:
+        logp = torch.zeros(2, 10)
+        ban_repeated_ngrams(logp, tokens[:, :t], n)
+        assert ((logp == 0) | (logp == float("-inf"))).all()  # only bans are written
+        return [[w for w in row.isinf().nonzero().flatten().tolist() if w != PAD_ID] for row in logp]
+
+    assert banned(3) == [[7], []]  # "5 6" was followed by 7
+    assert banned(2) == [[7], []]  # "6" was followed by 7
+    assert banned(4) == [[], []]
+    assert banned(1) == [[5, 6, 7], [5, 6, 7, 8, 9]]
+    assert banned(3, t=2) == [[], []] and banned(0) == [[], []]
 
 
 @pytest.mark.parametrize("n", [2, 3])
