@@ -118,6 +118,8 @@ def test_page_in_a_real_browser(trained_checkpoint, captioner, files):
             message = page.locator("#caption .caption-problem")
             message.wait_for(state="visible", timeout=30_000)
             assert message.inner_text().startswith("not_a_photo.png could not be read: not an image")
+            toast = page.locator(".toast-body").filter(has_text="not_a_photo.png could not be read")
+            toast.wait_for(state="visible", timeout=10_000)  # gr.Warning reaches the page from the model thread
             assert "Traceback" not in page.content()
             browser.close()
     finally:
