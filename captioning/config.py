@@ -80,6 +80,7 @@ class TrainConfig:
     max_decode_len: int = 20
     select_metric: str = "Bleu_4"  # metric picking the best checkpoint and driving early stopping
     early_stop_patience: int = 5  # epochs without improvement before stopping; 0 = never stop early
+    average_epochs: int = 0  # also write RUN/averaged.pt: the mean of the weights after each of the last N epochs
     save_every_steps: int = 0  # also write `last` every N steps inside an epoch; 0 = at epoch ends only
     out_dir: str = "runs/default"
     log_every: int = 50
@@ -212,6 +213,8 @@ def validate(cfg: Config) -> Config:
                           "reward of the image's other samples")
     if cfg.train.scst_bleu_weight < 0:
         raise ConfigError("config key 'train.scst_bleu_weight' must be at least 0 (0 = CIDEr-D alone)")
+    if cfg.train.average_epochs < 0:
+        raise ConfigError("config key 'train.average_epochs' must be at least 0 (0 = no averaged.pt)")
     if cfg.data.captions_per_image < 1:
         raise ConfigError("config key 'data.captions_per_image' must be at least 1")
     return cfg

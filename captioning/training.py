@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from captioning.checkpoint import load_checkpoint, remove_stale_temps, save_checkpoint
+from captioning.checkpoint import CheckpointError, load_checkpoint, remove_stale_temps, save_checkpoint
 from captioning.config import Config, save_config
 from captioning.data.datasets import (
     EpochSampler,
@@ -77,6 +77,20 @@ def _set_self_critical_lr(optimizer: torch.optim.Optimizer, cfg: Config) -> None
         group["lr"] = lr * ratio
 
 
+def _add_to_average(average: dict[str, Any], model: Captioner, epoch: int) -> None:
+    """Fold the model's weights after `epoch` into the running mean average["model"] (checkpoint averaging: the
+    mean of the last few epochs' weights usually decodes better than any one of them). Integer buffers keep their
+    latest value."""
+    n = len(average["epochs"]) + 1
+    for key, value in model.state_dict().items():
+        mean = average["model"].get(key)
+        if mean is None or not value.is_floating_point():
+            average["model"][key] = value.detach().clone()
+        else:
+            mean.add_(value - mean, alpha=1 / n)
+    average["epochs"].append(epoch)
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -134,12 +148,30 @@ def _input_loaders(cfg: Config, model: Captioner, preprocess: Preprocess, train_
     return loaders[0], loaders[1]
 
 
+def _save_average(model: Captioner, average: dict[str, Any], cfg: Config, vocab: Vocabulary, val_loader: DataLoader,
+                  val_refs: list[list[str]], device: torch.device, path: Path) -> None:
+    """Validate the averaged weights as every epoch is validated, and write them as a model checkpoint."""
+    model.load_state_dict(average["model"])
+    predictions = predict(model, val_loader, device, cfg.train.val_beam_size, cfg.train.max_decode_len,
+                          amp=cfg.train.amp)
+    scores = score_captions({i: val_refs[i] for i in predictions}, predictions, meteor=False)
+    if is_main():
+        save_checkpoint({"config": cfg.to_dict(), "vocab": vocab.to_dict(), "model": average["model"],
+                         "averaged_epochs": average["epochs"], "val": scores}, path)
+        epochs = ", ".join(str(e + 1) for e in average["epochs"])
+        print(f"averaged the weights of epochs {epochs}: val BLEU-4 {scores['Bleu_4']:.3f} CIDEr "
+              f"{scores['CIDEr']:.3f}; checkpoint {path}", flush=True)
+
+
 def train(cfg: Config, resume: str | Path | None = None) -> Path:
     """Train as `cfg` says; with `resume` (a checkpoint path) continue that run exactly. Returns the run folder."""
     device = resolve_device(cfg.train.device)
     rank, world = init_distributed(device)
     out_dir = Path(cfg.train.out_dir)
     state = load_checkpoint(resume) if resume else None
+    if state is not None and "progress" not in state:
+        raise CheckpointError(f"{resume} holds a model's weights only, not a run's progress; resume from the run's "
+                              "last.pt")
     if state is None and (out_dir / "last.pt").exists():
         raise FileExistsError(f"{out_dir} already holds a run (last.pt); continue it with --resume, "
                               "or choose another folder with --set train.out_dir=...")
@@ -176,6 +208,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     scaler = torch.amp.GradScaler("cuda", enabled=use_fp16_scaler)
     progress = StepState()
     best = {"score": float("-inf"), "epoch": -1, "bad_epochs": 0}
+    average: dict[str, Any] = {"epochs": [], "model": {}}  # weights of the epochs in the averaging window
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -183,6 +216,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         scaler.load_state_dict(state["scaler"])
         progress = StepState(**state["progress"])
         best = state["best"]
+        average = state.get("average", average)
         _set_rng_state(state["rng"])
     net = model
     if world > 1:
@@ -205,7 +239,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             save_checkpoint({"config": cfg.to_dict(), "vocab": vocab.to_dict(), "model": model.state_dict(),
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "scaler": scaler.state_dict(), "progress": vars(progress), "best": best,
-                             "rng": _rng_state()}, path)
+                             "average": average, "rng": _rng_state()}, path)
 
     with _StopFlag() as stop:
         def on_step() -> bool:
@@ -259,6 +293,11 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             loss_name = "reward" if self_critical else "loss"
             record = {"epoch": progress.epoch, "step": progress.global_step, f"train_{loss_name}": train_loss,
                       "lr": optimizer.param_groups[0]["lr"], "val": scores, "seconds": round(time.time() - started, 1)}
+            window = total_epochs - cfg.train.average_epochs  # the first epoch whose weights are averaged
+            if progress.epoch >= window:
+                if average["epochs"] and average["epochs"][0] < window:  # a finished run resumed with more epochs
+                    average = {"epochs": [], "model": {}}
+                _add_to_average(average, model, progress.epoch)
             patience = cfg.train.early_stop_patience
             out_of_patience = bool(patience) and best["bad_epochs"] >= patience
             stop_run = out_of_patience and (self_critical or not cfg.train.scst_epochs)
@@ -284,5 +323,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     if is_main():
         print(f"done: best {cfg.train.select_metric} {best['score']:.4f} at epoch {best['epoch'] + 1}; "
               f"checkpoint {out_dir / 'best.pt'}", flush=True)
+    if average["epochs"]:
+        _save_average(model, average, cfg, vocab, val_loader, val_refs, device, out_dir / "averaged.pt")
     cleanup()
     return out_dir

@@ -35,7 +35,7 @@ def main(args: argparse.Namespace) -> None:
         sys.exit(f"error: {e}")
     try:
         train(cfg, resume=args.resume)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"error: {e}")
 
 

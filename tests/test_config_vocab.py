@@ -100,7 +100,8 @@ def test_invalid_choice_lists_the_choices(key, value):
 
 @pytest.mark.parametrize("override, key", [("data.captions_per_image=0", "captions_per_image"),
                                            ("train.scst_bleu_weight=-1", "scst_bleu_weight"),
-                                           ("train.scst_samples=1", "scst_samples")])
+                                           ("train.scst_samples=1", "scst_samples"),
+                                           ("train.average_epochs=-1", "average_epochs")])
 def test_out_of_range_values_are_refused(override, key):
     with pytest.raises(ConfigError, match=f"'[a-z]+\\.{key}' must be at least"):
         load_config(None, [override, "train.scst_epochs=1"])

@@ -399,6 +399,50 @@ def test_mid_epoch_resume_in_self_critical_training_matches_an_uninterrupted_run
     assert _metrics(straight) == _metrics(tmp_path / "run")
 
 
+# ------------------------------------------------------------------------------------------------ weight averaging
+
+_AVERAGE = {"train.lr_schedule": "constant", "train.lr": 3e-3, "model.dropout": 0.3}  # 3 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def averaged_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(a 2-epoch run, the same run given a third epoch and train.average_epochs=2)."""
+    folder = tmp_path_factory.mktemp("average")
+    two = train(_small(folder / "two", **{**_AVERAGE, "train.epochs": 2}))
+    three = train(_small(folder / "three", **{**_AVERAGE, "train.epochs": 3, "train.average_epochs": 2}))
+    return two, three
+
+
+def test_averaged_checkpoint_is_the_mean_of_the_last_epochs_weights(averaged_run, capsys):
+    two, three = averaged_run
+    assert not (two / "averaged.pt").exists()  # train.average_epochs defaults to 0
+    averaged = load_checkpoint(three / "averaged.pt")
+    assert averaged["averaged_epochs"] == [1, 2]
+    after_two, after_three = _weights(two / "last.pt"), _weights(three / "last.pt")
+    changed = 0
+    for key, mean in averaged["model"].items():
+        if mean.is_floating_point():
+            torch.testing.assert_close(mean, (after_two[key] + after_three[key]) / 2, rtol=0, atol=1e-6)
+            changed += not torch.equal(after_two[key], after_three[key])
+    assert changed > 0  # the third epoch moved the weights, so the mean is neither epoch's
+    load_model(three / "averaged.pt")  # a self-contained model checkpoint
+    assert set(averaged["val"]) >= {"Bleu_4", "CIDEr"}
+    with pytest.raises(CheckpointError, match="weights only.*last.pt"):
+        train(_small(three, **_AVERAGE), resume=three / "averaged.pt")
+
+
+def test_averaging_survives_a_resume_inside_its_window(tmp_path, monkeypatch, averaged_run):
+    _, straight = averaged_run
+    cfg = _small(tmp_path / "run", **{**_AVERAGE, "train.epochs": 3, "train.average_epochs": 2})
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 7, "sigterm")  # the first step of epoch 3: epoch 2 is already in the average
+        with pytest.raises(SystemExit):
+            train(cfg)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["average"]["epochs"] == [1]
+    train(cfg, resume=tmp_path / "run" / "last.pt")
+    _assert_same_weights(straight / "averaged.pt", tmp_path / "run" / "averaged.pt")
+
+
 # ------------------------------------------------------------------------------------------------------- NaN losses
 
 def _nan_on(monkeypatch, steps) -> None:
