@@ -62,20 +62,26 @@ def rollout(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tensor, m
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Greedy decoding (temperature None) or sampling at a temperature, `samples` captions per image, differentiable
     (self-critical training takes gradients through it) -> tokens (B*samples, T) ending in <end> then <pad>,
-    log-probability of each token (B*samples, T; 0 after <end>), attention (B*samples, T, N) or None. Rows are
-    image-major: row i*samples + j is image i's sample j. `no_repeat_ngram` n > 0 never repeats an n-gram within a
-    caption."""
+    log-probability of each token (B*samples, T; 0 after <end>), attention (B*samples, T, N) or None.
+    Rows are image-major: row i*samples + j is image i's sample j. `no_repeat_ngram` n > 0 never repeats an n-gram
+    within a caption.
+
+    Rows that have ended stop being computed: once an eighth of the rows still computed have produced <end>, the
+    state is cut to the running rows and their memory gathered again from the per-image memory. Samples average
+    about half the length limit, and the longest of a batch's samples nearly always reaches it, so computing every
+    row to the end was half the work of a self-critical step."""
     B = pooled.size(0)
-    state, memory = decoder.init(grid, pooled)
-    if samples > 1:
-        state, memory = select_rows(state, memory, torch.arange(B, device=pooled.device).repeat_interleave(samples))
-    R = B * samples
-    words = torch.full((R,), START_ID, dtype=torch.long, device=pooled.device)
-    finished = torch.zeros(R, dtype=torch.bool, device=pooled.device)
-    tokens, token_logp, alphas = [], [], []
+    R, device = B * samples, pooled.device
+    state, image_memory = decoder.init(grid, pooled)
+    image_of_row = torch.arange(B, device=device).repeat_interleave(samples)  # (R,)
+    state, memory = select_rows(state, image_memory, image_of_row if samples > 1 else None)
+    rows = torch.arange(R, device=device)  # the rows computed: all of them until the first cut
+    words = torch.full((R,), START_ID, dtype=torch.long, device=device)
+    finished = torch.zeros(R, dtype=torch.bool, device=device)  # of the rows computed
+    tokens, token_logp, alphas = [], [], []  # per step, over all R rows
     for _ in range(max_len):
-        logits, state, alpha = decoder.step(words, state, memory)
-        history = torch.stack(tokens, 1) if no_repeat_ngram and tokens else None
+        logits, state, alpha = decoder.step(words, state, memory)  # (n, V) for the n rows computed
+        history = torch.stack(tokens, 1)[rows] if no_repeat_ngram and tokens else None
         logp = _log_probs(logits, finished, temperature or 1.0, history, no_repeat_ngram)
         with torch.no_grad():
             if temperature is None:
@@ -84,13 +90,22 @@ def rollout(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tensor, m
                 # softmax renormalises over the words that may be produced: at a low temperature exp(logp) underflows
                 # to zero everywhere when <pad> or <start> held the probability mass
                 words = torch.multinomial(logp.softmax(-1), 1).squeeze(1)
-        token_logp.append(logp.gather(1, words.unsqueeze(1)).squeeze(1))
-        tokens.append(words)
-        alphas.append(alpha)
+        word_logp = logp.gather(1, words.unsqueeze(1)).squeeze(1)  # (n,)
+        cut = rows.size(0) < R
+        tokens.append(words.new_full((R,), PAD_ID).index_copy(0, rows, words) if cut else words)
+        token_logp.append(word_logp.new_zeros(R).index_copy(0, rows, word_logp) if cut else word_logp)
+        if alpha is not None:
+            alphas.append(alpha.new_zeros(R, alpha.size(1)).index_copy(0, rows, alpha) if cut else alpha)
         finished = finished | (words == END_ID)
-        if finished.all():
+        n_finished = int(finished.sum())  # the step's one host sync
+        if n_finished == rows.size(0):
             break
-    alpha_seq = torch.stack(alphas, 1) if alphas[0] is not None else None
+        if n_finished * 8 >= rows.size(0):
+            keep = (~finished).nonzero().squeeze(1)
+            rows, words, finished = rows[keep], words[keep], finished[keep]
+            state = tuple(s.index_select(1, keep) for s in state)
+            memory = tuple(m.index_select(0, image_of_row[rows]) for m in image_memory)
+    alpha_seq = torch.stack(alphas, 1) if alphas else None
     return torch.stack(tokens, 1), torch.stack(token_logp, 1), alpha_seq
 
 

@@ -33,7 +33,7 @@ from captioning.data.datasets import (
 from captioning.data.features import FeatureLoader, cache_record, extract_features
 from captioning.data.sources import CaptionSource
 from captioning.distributed import barrier, broadcast_object, cleanup, init_distributed, is_main
-from captioning.engine import StepState, predict, resolve_device, train_one_epoch
+from captioning.engine import StepState, keep_freed_memory, predict, resolve_device, train_one_epoch
 from captioning.metrics import score_captions
 from captioning.models import Captioner
 from captioning.models.decoder import load_word_vectors
@@ -166,6 +166,8 @@ def _save_average(model: Captioner, average: dict[str, Any], cfg: Config, vocab:
 def train(cfg: Config, resume: str | Path | None = None) -> Path:
     """Train as `cfg` says; with `resume` (a checkpoint path) continue that run exactly. Returns the run folder."""
     device = resolve_device(cfg.train.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     rank, world = init_distributed(device)
     out_dir = Path(cfg.train.out_dir)
     state = load_checkpoint(resume) if resume else None
