@@ -279,6 +279,29 @@ def test_rollout_samples_per_image_with_differentiable_word_log_probabilities(ki
     assert decoder.out.weight.grad.abs().sum() > 0 and decoder.embed.weight.grad.abs().sum() > 0
 
 
+def test_rollout_stops_computing_rows_that_ended():
+    """Rows that produced <end> leave the batch the decoder steps over; every row's caption and log-probabilities
+    are still those of its image decoded alone."""
+    decoder = _decoder("attention")
+    grid, pooled = _inputs(batch=6)
+    rows_stepped = []
+    step = decoder.step
+
+    def counting_step(words, state, memory):
+        rows_stepped.append(words.size(0))
+        return step(words, state, memory)
+
+    decoder.step = counting_step
+    tokens, token_logp, _ = rollout(decoder, grid, pooled, max_len=12)
+    assert rows_stepped[0] == 6 and rows_stepped[-1] < 6
+    for i in range(6):
+        alone, alone_logp, _ = rollout(decoder, grid[i:i + 1], pooled[i:i + 1], max_len=12)
+        n = alone.size(1)
+        assert tokens[i, :n].tolist() == alone[0].tolist() and (tokens[i, n:] == PAD_ID).all()
+        torch.testing.assert_close(token_logp[i, :n], alone_logp[0])
+        assert (token_logp[i, n:] == 0).all()
+
+
 # ------------------------------------------------------------------------------------------- repeats and <unk>
 
 def _has_repeat(tokens: list[int], n: int) -> bool:

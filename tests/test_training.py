@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +278,14 @@ def test_feature_cache_trains_the_same_model_as_the_encoder_in_the_loop(tmp_path
     assert a[0]["train_loss"] == pytest.approx(b[0]["train_loss"], abs=1e-5)
 
 
+def test_a_run_that_finds_its_feature_cache_trains_the_same_model_as_the_run_that_made_it(tmp_path):
+    """Extracting the cache must not consume torch's global random stream, from which dropout draws."""
+    cache = {"data.feature_cache": str(tmp_path / "features"), "model.dropout": 0.3}
+    made = train(_small(tmp_path / "made", **cache))
+    found = train(_small(tmp_path / "found", **cache))
+    _assert_same_weights(made / "last.pt", found / "last.pt")
+
+
 _CACHED = {"data.num_train": 8, "data.num_val": 4, "data.feature_dtype": "float32"}
 
 
@@ -511,3 +521,20 @@ def test_a_small_attention_model_learns_the_synthetic_shapes(tmp_path):
     # epochs gave 0.45-0.55 BLEU-4 over seeds 0-1: too near the bar).
     assert scores["Bleu_4"] > baseline["Bleu_4"] + 0.12, (scores, constant, baseline)
     assert scores["CIDEr"] > baseline["CIDEr"] + 2.0, (scores, constant, baseline)
+
+
+def test_keep_freed_memory_keeps_a_freed_large_tensor_for_the_next_one():
+    """After keep_freed_memory the pages of a freed 64 MiB tensor stay with the process (the next tensor reuses them
+    without faulting them in again); by default glibc hands them back."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's malloc, on Linux")
+    code = ("import os, sys, torch\n"
+            "from captioning.engine import keep_freed_memory\n"
+            "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+            "assert sys.argv[1] == 'default' or keep_freed_memory()\n"
+            "before = rss(); x = torch.ones(16 * 2**20); del x; print(rss() - before)\n")
+    kept = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                                     check=True).stdout) for mode in ("keep", "default")}
+    assert kept["keep"] > 48 * 2**20
+    assert kept["default"] < 16 * 2**20
+
