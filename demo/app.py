@@ -44,6 +44,10 @@ CONCURRENCY, QUEUE_SIZE = 2, 64  # captions computed at once, requests waiting
 # component's config), so up to ~290 MiB; the load test adds 41 per pass. 500 bound them to ~15 MiB. A page left idle
 # while 500 newer sessions came loses only the photo on show: moving a slider then asks for an upload.
 STATE_SESSIONS = 500
+# Every upload, and every photo and heat map a caption returns, is a file in Gradio's cache whose path it keeps in
+# memory; without delete_cache both stay for the life of the server. Swept every 10 minutes once an hour old, the time
+# Gradio keeps a closed page's session for it to reconnect.
+CACHE_SWEEP, CACHE_AGE = 600, 3600  # seconds
 THEME = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
 CSS = """
 #caption { min-height: 5.5rem; }
@@ -150,7 +154,8 @@ def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None =
     is stopped after `timeout` seconds of work (None: never)."""
     one_malloc_heap()  # before the model loads: its threads would make heaps of their own
     captioner = ImageCaptioner.from_checkpoint(model) if isinstance(model, (str, Path)) else model
-    with gr.Blocks(title="Image captioning demo", analytics_enabled=False) as app:
+    with gr.Blocks(title="Image captioning demo", analytics_enabled=False,
+                   delete_cache=(CACHE_SWEEP, CACHE_AGE)) as app:
         gr.Markdown("# Image captioning\nA CNN encoder looks at the photo and an LSTM decoder writes a caption word "
                     "by word, with beam search. Upload a photo or click an example. The quick-start model has only "
                     "seen coloured circles, squares and triangles, so it describes everything in those words.")

@@ -96,6 +96,22 @@ def test_without_a_model_the_page_says_how_to_get_one(tmp_path):
     assert "quickstart.sh" in demo.describe_photo(None, "any.png", 3, 20)[1]
 
 
+def test_uploads_and_returned_images_leave_gradios_cache_once_old(tmp_path, captioner):
+    """The app has Gradio sweep its cache every CACHE_SWEEP seconds: an upload younger than CACHE_AGE stays, an older
+    one is deleted and its path forgotten (age 0 stands for the sweep an hour later)."""
+    from gradio.route_utils import delete_files_created_by_app
+
+    app = demo.build_app(captioner)
+    assert app.delete_cache == (demo.CACHE_SWEEP, demo.CACHE_AGE)
+    upload = tmp_path / "upload.png"
+    upload.write_bytes(b"an uploaded photo")
+    app.upload_file_set.add(str(upload))
+    delete_files_created_by_app(app, demo.CACHE_AGE)
+    assert upload.exists() and str(upload) in app.upload_file_set
+    delete_files_created_by_app(app, 0)
+    assert not upload.exists() and not app.upload_file_set
+
+
 @pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own event statistics, under pandas 3
 @pytest.mark.skipif(not Path(browser_tools.CHROMIUM).exists(),
                     reason=f"{browser_tools.CHROMIUM} not installed (Debian: apt-get install chromium)")
