@@ -35,20 +35,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def _glibc() -> ctypes.CDLL | None:
+    libc = ctypes.CDLL(None) if sys.platform == "linux" else None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # musl has no malloc_trim
+
+
+GLIBC = _glibc()  # the C library's malloc settings, where it is glibc (None elsewhere)
+
+
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep the memory that tensors free for the next ones, instead of handing it back to the
-    system -> whether it could (False off Linux/glibc). A training step on the CPU allocates and frees the same
-    large activations every time; above malloc's mmap threshold (32 MiB at most) each one is mapped afresh and every
-    page faults in again, which was a fifth of a decoder training step on a 2-core VM. The process then keeps its
-    peak memory until it exits."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
+    system -> whether it could (False off glibc). A training step on the CPU allocates and frees the same large
+    activations every time; above malloc's mmap threshold (32 MiB at most) each one is mapped afresh and every page
+    faults in again, which was a fifth of a decoder training step on a 2-core VM. The process then keeps its peak
+    memory until it exits."""
+    if GLIBC is None:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from malloc.h
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    return bool(GLIBC.mallopt(M_MMAP_MAX, 0)) and bool(GLIBC.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:

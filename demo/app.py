@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
-import ctypes
 import functools
 import html
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +27,7 @@ from PIL import Image
 from captioning.batch import describe_failure
 from captioning.checkpoint import CheckpointError
 from captioning.data.sources import BadImageError, open_image
+from captioning.engine import GLIBC
 from captioning.inference import ImageCaptioner
 from captioning.visualize import word_overlays
 
@@ -66,14 +65,6 @@ EMPTY_CAPTION = '<div class="caption-empty">Upload a photo or pick an example: i
 # Gradio's) make 4 more heaps, and a limit set at launch spread the worker threads over all 5 (those 4 grew from 18 to
 # 77 MiB in 3 passes, malloc_info): 35 MiB were left after 2 passes then, 17 MiB with the limit set first.
 M_ARENA_MAX = -8  # mallopt's option number, from glibc's <malloc.h>
-
-
-def _glibc() -> ctypes.CDLL | None:
-    libc = ctypes.CDLL(None) if sys.platform == "linux" else None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # musl has no malloc_trim
-
-
-GLIBC = _glibc()
 
 
 def one_malloc_heap() -> None:
