@@ -4,6 +4,7 @@
     python demo/app.py --checkpoint path/to/best.pt --port 7860
     python demo/app.py --share                       # also a temporary public gradio.live link
     python demo/app.py --timeout 20                  # stop a caption that takes longer than 20 s
+    python demo/app.py --forget-after 600            # forget sessions idle for 10 minutes, and files that old
 
 Serves on 127.0.0.1 only, unless --host says otherwise; --share is the only way to a public link. Two captions are
 computed at a time and 64 more may wait; each is stopped after --timeout seconds of work, with a message on the page,
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import contextvars
+import datetime
 import functools
 import html
 import time
@@ -22,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gradio as gr
+from gradio.state_holder import StateHolder
 from PIL import Image
 
 from captioning.batch import describe_failure
@@ -44,9 +48,10 @@ CONCURRENCY, QUEUE_SIZE = 2, 64  # captions computed at once, requests waiting
 # while 500 newer sessions came loses only the photo on show: moving a slider then asks for an upload.
 STATE_SESSIONS = 500
 # Every upload, and every photo and heat map a caption returns, is a file in Gradio's cache whose path it keeps in
-# memory; without delete_cache both stay for the life of the server. Swept every 10 minutes once an hour old, the time
-# Gradio keeps a closed page's session for it to reconnect.
-CACHE_SWEEP, CACHE_AGE = 600, 3600  # seconds
+# memory; without delete_cache both stay for the life of the server. Files an hour old are deleted (the time Gradio
+# keeps a closed page's session for it to reconnect), and so are the records of sessions idle that long, which Gradio
+# itself never drops: after a burst of users the server returns to its size before it. Checked every 10 minutes.
+FORGET_AFTER, SWEEP_EVERY = 3600, 600  # seconds
 THEME = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
 CSS = """
 #caption { min-height: 5.5rem; }
@@ -77,6 +82,37 @@ def return_freed_memory() -> None:
     """Give the heap pages freed by a request (its tensors, images, files) back to the system; glibc only."""
     if GLIBC is not None:
         GLIBC.malloc_trim(0)
+
+
+def forget_idle_sessions(sessions: StateHolder, age: float) -> int:
+    """Drop the records Gradio keeps of sessions not used for `age` seconds; returns how many were dropped."""
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=age)
+    with sessions.lock:
+        idle = [session for session, used in list(sessions.time_last_used.items()) if used < cutoff]
+        for session in idle:
+            sessions.session_data.pop(session, None)
+            del sessions.time_last_used[session]
+    if idle:
+        return_freed_memory()
+    return len(idle)
+
+
+def session_sweeper(every: float, age: float):
+    """A FastAPI lifespan that calls forget_idle_sessions every `every` seconds while the server runs."""
+    @contextlib.asynccontextmanager
+    async def lifespan(server):
+        async def sweep():
+            while True:
+                await asyncio.sleep(every)
+                forget_idle_sessions(server.state_holder, age)
+
+        task = asyncio.create_task(sweep())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    return lifespan
 
 
 # The model runs on these threads only, as many as captions run at once. Gradio would run each request on whichever
@@ -140,13 +176,15 @@ def describe_photo(captioner: ImageCaptioner | None, path: str | None, beam_size
     return photo, caption_html(caption.text, caption.score), rows, maps
 
 
-def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None = TIMEOUT) -> gr.Blocks:
+def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None = TIMEOUT,
+              forget_after: float = FORGET_AFTER) -> gr.Blocks:
     """The demo page for a captioner (or the checkpoint to load one from); None shows how to get a model. A caption
-    is stopped after `timeout` seconds of work (None: never)."""
+    is stopped after `timeout` seconds of work (None: never); cached files `forget_after` seconds old are deleted
+    (and, once served, sessions idle that long are forgotten)."""
     one_malloc_heap()  # before the model loads: its threads would make heaps of their own
     captioner = ImageCaptioner.from_checkpoint(model) if isinstance(model, (str, Path)) else model
     with gr.Blocks(title="Image captioning demo", analytics_enabled=False,
-                   delete_cache=(CACHE_SWEEP, CACHE_AGE)) as app:
+                   delete_cache=(min(SWEEP_EVERY, forget_after), forget_after)) as app:
         gr.Markdown("# Image captioning\nA CNN encoder looks at the photo and an LSTM decoder writes a caption word "
                     "by word, with beam search. Upload a photo or click an example. The quick-start model has only "
                     "seen coloured circles, squares and triangles, so it describes everything in those words.")
@@ -207,9 +245,11 @@ def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None =
 def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
           prevent_thread_lock: bool = False) -> None:
     """Launch an app from build_app (which limits malloc to one heap) with the demo's limits: uploads up to
-    MAX_FILE_SIZE, STATE_SESSIONS sessions kept, its theme and style."""
+    MAX_FILE_SIZE, STATE_SESSIONS sessions kept, and forgotten on the schedule its cached files are deleted; its
+    theme and style."""
     app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE, theme=THEME, css=CSS,
-               state_session_capacity=STATE_SESSIONS, prevent_thread_lock=prevent_thread_lock)
+               state_session_capacity=STATE_SESSIONS, prevent_thread_lock=prevent_thread_lock,
+               app_kwargs={"lifespan": session_sweeper(*app.delete_cache)})
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -220,6 +260,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="create a temporary public link through gradio.live")
     p.add_argument("--timeout", type=float, default=TIMEOUT,
                    help="seconds of work one caption may take before it is stopped with a message on the page")
+    p.add_argument("--forget-after", type=float, default=FORGET_AFTER,
+                   help="seconds after which idle sessions and cached uploads and results are forgotten")
     return p
 
 
@@ -228,7 +270,7 @@ def main(args: argparse.Namespace) -> None:
     if checkpoint is None:
         print(f"warning: {NO_MODEL}")
     try:
-        app = build_app(checkpoint, args.timeout)
+        app = build_app(checkpoint, args.timeout, args.forget_after)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     serve(app, args.host, args.port, args.share)

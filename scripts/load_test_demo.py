@@ -8,7 +8,8 @@ Every simulated user is its own gradio_client session that uploads a photo and a
 does: through a one-call endpoint that takes the file when the demo has one, else the page's own two events (the
 upload stores the file in the session, then the captioning event reads it). With --start the demo runs in a child
 process on a free port, its resident memory (VmRSS) is printed before, between and after the rounds to show that it
-returns to its base, and the child is stopped at the end. Only localhost is ever contacted; the number of requests
+returns to its base once the demo has forgotten the idle sessions (--forget-after, the demo's own option: an hour by
+default, 30 s here), and the child is stopped at the end. Only localhost is ever contacted; the number of requests
 and the time of each level are bounded.
 """
 
@@ -51,7 +52,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--level-timeout", type=float, default=180.0, help="seconds a level may take; late = error")
     p.add_argument("--passes", type=int, default=1,
                    help="run the levels this many times: memory that stops growing after the first is no leak")
-    p.add_argument("--settle", type=float, default=5.0, help="seconds to wait before the final memory reading")
+    p.add_argument("--forget-after", type=float, default=30.0,
+                   help="with --start: seconds after which the demo forgets idle sessions and cached files")
+    p.add_argument("--settle", type=float, default=5.0,
+                   help="seconds to wait before the final memory reading (with --start, twice --forget-after more)")
     p.add_argument("--api-name", help="the demo's one-call captioning endpoint (default: found from its API)")
     return p
 
@@ -78,13 +82,13 @@ def wait_until_up(url: str, proc: subprocess.Popen | None, timeout: float = 180.
     raise SystemExit(f"error: nothing answered at {url} within {timeout:.0f} s")
 
 
-def start_demo(checkpoint: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_demo(checkpoint: str, forget_after: float, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, str(REPO / "demo" / "app.py"), "--checkpoint", checkpoint,
-                                 "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                env=env, cwd=REPO)
+                                 "--host", "127.0.0.1", "--port", str(port), "--forget-after", str(forget_after)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     return proc, f"http://127.0.0.1:{port}/"
 
 
@@ -238,7 +242,7 @@ def main(args: argparse.Namespace) -> None:
         if args.start:
             if not args.checkpoint:
                 raise SystemExit("error: --start needs --checkpoint PATH (the model the demo serves)")
-            proc, url = start_demo(args.checkpoint, Path(tmp) / "demo.log")
+            proc, url = start_demo(args.checkpoint, args.forget_after, Path(tmp) / "demo.log")
         else:
             url = args.url
             if urlparse(url).hostname not in LOCAL_HOSTS:
@@ -300,10 +304,11 @@ def report(client_class, url: str, proc: subprocess.Popen | None, images: list[P
         if args.passes > 1:
             print(f"pass {k + 1}/{args.passes} done, server RSS {after_pass[-1]}")
     sampling.set()
-    time.sleep(args.settle)
     probe.close()
+    idle = args.settle + (2 * args.forget_after if proc is not None else 0)
+    time.sleep(idle)
     memory_note = (f"; server RSS {base} at start, {warm} after warm-up, {peak[0]:.0f} MiB at most, "
-                   f"{' / '.join(after_pass)} after each pass, {memory()} {args.settle:.0f} s after the last"
+                   f"{' / '.join(after_pass)} after each pass, {memory()} {idle:.0f} s after the last"
                    if proc is not None else
                    " (server memory is measured only with --start)")
     print(f"summary: {total} requests at {'/'.join(map(str, args.concurrency))} users x {args.passes} passes, "

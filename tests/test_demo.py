@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import os
 import time
@@ -97,19 +98,52 @@ def test_without_a_model_the_page_says_how_to_get_one(tmp_path):
 
 
 def test_uploads_and_returned_images_leave_gradios_cache_once_old(tmp_path, captioner):
-    """The app has Gradio sweep its cache every CACHE_SWEEP seconds: an upload younger than CACHE_AGE stays, an older
-    one is deleted and its path forgotten (age 0 stands for the sweep an hour later)."""
+    """The app has Gradio sweep its cache every SWEEP_EVERY seconds: an upload younger than FORGET_AFTER stays, an
+    older one is deleted and its path forgotten (age 0 stands for the sweep an hour later)."""
     from gradio.route_utils import delete_files_created_by_app
 
     app = demo.build_app(captioner)
-    assert app.delete_cache == (demo.CACHE_SWEEP, demo.CACHE_AGE)
+    assert app.delete_cache == (demo.SWEEP_EVERY, demo.FORGET_AFTER)
     upload = tmp_path / "upload.png"
     upload.write_bytes(b"an uploaded photo")
     app.upload_file_set.add(str(upload))
-    delete_files_created_by_app(app, demo.CACHE_AGE)
+    delete_files_created_by_app(app, demo.FORGET_AFTER)
     assert upload.exists() and str(upload) in app.upload_file_set
     delete_files_created_by_app(app, 0)
     assert not upload.exists() and not app.upload_file_set
+
+
+def test_only_sessions_idle_for_the_age_are_forgotten(captioner):
+    from gradio.state_holder import StateHolder
+
+    sessions = StateHolder()
+    sessions.set_blocks(demo.build_app(captioner))
+    _ = sessions["idle"], sessions["recent"]  # a request from each creates its record
+    sessions.time_last_used["idle"] -= datetime.timedelta(seconds=demo.FORGET_AFTER + 1)
+    assert demo.forget_idle_sessions(sessions, demo.FORGET_AFTER) == 1
+    assert "idle" not in sessions and "recent" in sessions
+    assert demo.forget_idle_sessions(sessions, demo.FORGET_AFTER) == 0
+
+
+@pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own event statistics, under pandas 3
+def test_a_served_demo_forgets_a_session_once_idle(captioner):
+    """Gradio itself keeps a session's record until newer sessions push it out; the served demo drops it."""
+    from gradio_client import Client, handle_file
+
+    app = demo.build_app(captioner, forget_after=2)
+    port = browser_tools.free_port()
+    demo.serve(app, port=port, prevent_thread_lock=True)
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False, analytics_enabled=False)
+    try:
+        client.predict(handle_file(str(demo.EXAMPLES[0])), api_name="/lambda")  # the upload event
+        assert client.session_hash in app.state_holder
+        deadline = time.monotonic() + 30
+        while client.session_hash in app.state_holder and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.session_hash not in app.state_holder
+    finally:
+        client.close()
+        app.close()
 
 
 @pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own event statistics, under pandas 3
