@@ -252,6 +252,14 @@ def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, shar
                app_kwargs={"lifespan": session_sweeper(*app.delete_cache)})
 
 
+def seconds(text: str) -> float:
+    """A positive number of seconds, for the command line."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="default: the newest runs/quickstart/*/best.pt")
@@ -260,7 +268,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="create a temporary public link through gradio.live")
     p.add_argument("--timeout", type=float, default=TIMEOUT,
                    help="seconds of work one caption may take before it is stopped with a message on the page")
-    p.add_argument("--forget-after", type=float, default=FORGET_AFTER,
+    p.add_argument("--forget-after", type=seconds, default=FORGET_AFTER,
                    help="seconds after which idle sessions and cached uploads and results are forgotten")
     return p
 

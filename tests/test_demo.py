@@ -125,6 +125,13 @@ def test_only_sessions_idle_for_the_age_are_forgotten(captioner):
     assert demo.forget_idle_sessions(sessions, demo.FORGET_AFTER) == 0
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_forget_after_must_be_a_positive_number_of_seconds(value, capsys):
+    with pytest.raises(SystemExit):
+        demo.get_args_parser().parse_args(["--forget-after", value])
+    assert "not a positive number of seconds" in capsys.readouterr().err
+
+
 @pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own event statistics, under pandas 3
 def test_a_served_demo_forgets_a_session_once_idle(captioner):
     """Gradio itself keeps a session's record until newer sessions push it out; the served demo drops it."""
