@@ -49,8 +49,9 @@ CONCURRENCY, QUEUE_SIZE = 2, 64  # captions computed at once, requests waiting
 STATE_SESSIONS = 500
 # Every upload, and every photo and heat map a caption returns, is a file in Gradio's cache whose path it keeps in
 # memory; without delete_cache both stay for the life of the server. Files an hour old are deleted (the time Gradio
-# keeps a closed page's session for it to reconnect), and the records of sessions idle that long are dropped, which
-# Gradio itself never does: memory then does not grow with the number of sessions served. Checked every 10 minutes.
+# keeps a closed page's session for it to reconnect), and the records of sessions idle that long are dropped (Gradio
+# keeps them until newer ones push them out): memory then does not grow with the number of sessions served. Checked
+# every 10 minutes.
 FORGET_AFTER, SWEEP_EVERY = 3600, 600  # seconds
 THEME = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
 CSS = """
