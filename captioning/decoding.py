@@ -1,7 +1,7 @@
 """Caption search on the decoder's step function: greedy, sampling and beam search, batched across images.
 
-Beam search keeps (B, K) beams as one batch of B*K rows: per-image memory is expanded once, the recurrent state is
-re-indexed with one index_select per step, and no Python loop runs over images or beams.
+Beam search keeps (B, K) beams as one batch of B*K rows of recurrent state, re-indexed with one index_select per step;
+the beams of an image share its one row of memory, and no Python loop runs over images or beams.
 """
 
 from __future__ import annotations
@@ -130,28 +130,30 @@ def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tenso
     if not 1 <= n_best <= K:
         raise ValueError(f"n_best must be between 1 and the beam size ({K}), got {n_best}")
     device = pooled.device
-    # Each image's state (L, B*K, H) and memory (B*K, ...) copied for its K beams, once.
-    state, memory = select_rows(*decoder.init(grid, pooled), torch.arange(B, device=device).repeat_interleave(K))
-    scores = torch.full((B, K), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # all beams start identical: keep one so the first step picks K different words
-    words = torch.full((B * K,), START_ID, dtype=torch.long, device=device)
-    finished = torch.zeros(B, K, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B, K, device=device)
-    tokens = torch.zeros(B, K, 0, dtype=torch.long, device=device)
-    alphas = None  # (B, K, t, N)
-    row_offset = torch.arange(B, device=device).unsqueeze(1) * K  # (B, 1)
+    # The memory keeps one row per image, which the image's beams share; the state has one row per beam. Until the
+    # first word every beam of an image is the same, so the first step runs one row per image and then branches.
+    state, memory = decoder.init(grid, pooled)  # state (L, B, H)
+    scores = torch.zeros(B, 1, device=device)  # (B, k): k beams per image, 1 before the first word, then K
+    words = torch.full((B,), START_ID, dtype=torch.long, device=device)  # (B*k,)
+    finished = torch.zeros(B, 1, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, 1, device=device)
+    tokens = torch.zeros(B, 1, 0, dtype=torch.long, device=device)  # (B, k, t)
+    alphas = None  # (B, k, t, N)
+    image_row = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
     for _ in range(max_len):
-        logits, state, alpha = decoder.step(words, state, memory)
+        k = scores.size(1)
+        logits, state, alpha = decoder.step(words, state, memory)  # (B*k, V)
         V = logits.size(-1)
-        logp = _log_probs(logits, finished.view(-1), 1.0, tokens.view(B * K, -1), no_repeat_ngram).view(B, K, V)
-        scores, flat = (scores.unsqueeze(-1) + logp).view(B, K * V).topk(K, dim=-1)  # (B, K)
+        logp = _log_probs(logits, finished.view(-1), 1.0, tokens.view(B * k, -1), no_repeat_ngram).view(B, k, V)
+        scores, flat = (scores.unsqueeze(-1) + logp).view(B, k * V).topk(K, dim=-1)  # (B, K)
         origin, words = flat // V, flat % V  # which beam each survivor extends, with which word
-        state = tuple(s.index_select(1, (origin + row_offset).view(-1)) for s in state)
-        tokens = torch.cat([tokens.gather(1, origin.unsqueeze(-1).expand_as(tokens)), words.unsqueeze(-1)], -1)
+        state = tuple(s.index_select(1, (origin + image_row * k).view(-1)) for s in state)
+        tokens = torch.cat([tokens.gather(1, origin.unsqueeze(-1).expand(-1, -1, tokens.size(-1))),
+                            words.unsqueeze(-1)], -1)
         if alpha is not None:
-            alpha = alpha.view(B, K, 1, -1).gather(1, origin.view(B, K, 1, 1).expand(-1, -1, 1, alpha.size(-1)))
+            alpha = alpha.view(B, k, 1, -1).gather(1, origin.view(B, K, 1, 1).expand(-1, -1, 1, alpha.size(-1)))
             alphas = alpha if alphas is None else torch.cat(
-                [alphas.gather(1, origin.view(B, K, 1, 1).expand_as(alphas)), alpha], dim=2)
+                [alphas.gather(1, origin.view(B, K, 1, 1).expand(-1, -1, *alphas.shape[2:])), alpha], dim=2)
         was_finished = finished.gather(1, origin)
         lengths = lengths.gather(1, origin) + (~was_finished).float()
         finished = was_finished | (words == END_ID)

@@ -11,6 +11,7 @@ from captioning.config import ModelConfig, load_config
 from captioning.decoding import beam_search
 from captioning.engine import caption_loss
 from captioning.models import Captioner, build_model
+from captioning.models import attention as attention_module
 from captioning.models.attention import AdditiveAttention
 from captioning.models.decoder import CaptionDecoder, ShowTellDecoder, build_decoder, load_word_vectors
 from captioning.models.encoder import Encoder
@@ -233,6 +234,29 @@ def test_attention_weights_sum_to_one_and_ignore_masked_positions():
     context1, alpha1 = attention(attention.project_keys(features), features, torch.zeros(3, 16), mask)
     torch.testing.assert_close(alpha1, alpha2)
     torch.testing.assert_close(context1, context2)
+
+
+@pytest.mark.parametrize("images_per_block", [1, 3, 4])
+def test_queries_sharing_an_image_equal_each_query_with_its_own_copy(monkeypatch, images_per_block):
+    """K queries per image read one copy of its keys and features (beam search's beams): the same context, weights
+    and gradients as every query with its own copy, however many images each block of the activation holds."""
+    torch.manual_seed(0)
+    attention = AdditiveAttention(feature_dim=FEATURES, hidden_dim=16, attention_dim=8)
+    features, query = torch.randn(4, 6, FEATURES), torch.randn(12, 16)  # 4 images, K = 3 queries each
+
+    def run(block: int, shared: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(attention_module, "BLOCK", block)
+        attention.zero_grad()
+        f = features.clone().requires_grad_()
+        memory = f if shared else f.repeat_interleave(3, 0)  # (4 or 12, 6, C)
+        context, alpha = attention(attention.project_keys(memory), memory, query)
+        (context.square().sum() + alpha[:, 0].sum()).backward()
+        return [context, alpha, f.grad, *(p.grad for p in attention.parameters())]
+
+    blocked = run(images_per_block * 3 * 6 * 8, shared=True)
+    for got, want in zip(blocked, run(1 << 20, shared=False)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert blocked[0].shape == (12, FEATURES) and blocked[1].shape == (12, 6)
 
 
 def test_attention_is_the_additive_tanh_score_of_show_attend_and_tell():

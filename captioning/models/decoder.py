@@ -3,8 +3,9 @@
 `init(grid, pooled)` turns encoder output into the recurrent state and a per-image memory; `hidden_step(words,
 state, memory)` advances one word and `step` adds the output layer. Training, greedy, sampling and beam search all
 go through them; Show and Tell also has an equivalent whole-sequence fast path for teacher forcing. State tensors
-are (layers, B, H); memory tensors are (B, ...) and never change during decoding, so beam search only expands them
-once.
+are (layers, R, H) for R rows; memory tensors are (B, ...), one row per image, and never change during decoding.
+R is a multiple of B, rows image-major: consecutive runs of R // B rows read one image's memory (beam search's beams
+of an image), and R == B when every row has its own copy.
 """
 
 from __future__ import annotations
