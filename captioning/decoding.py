@@ -129,37 +129,65 @@ def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tenso
     B, K = pooled.size(0), beam_size
     if not 1 <= n_best <= K:
         raise ValueError(f"n_best must be between 1 and the beam size ({K}), got {n_best}")
+    if max_len < 1:
+        raise ValueError(f"max_len must be at least 1, got {max_len}")
     device = pooled.device
     # The memory keeps one row per image, which the image's beams share; the state has one row per beam. Until the
     # first word every beam of an image is the same, so the first step runs one row per image and then branches.
-    state, memory = decoder.init(grid, pooled)  # state (L, B, H)
-    scores = torch.zeros(B, 1, device=device)  # (B, k): k beams per image, 1 before the first word, then K
-    words = torch.full((B,), START_ID, dtype=torch.long, device=device)  # (B*k,)
+    state, image_memory = decoder.init(grid, pooled)  # state (L, B, H)
+    memory, images = image_memory, torch.arange(B, device=device)  # the b images still searched
+    scores = torch.zeros(B, 1, device=device)  # (b, k): k beams per image, 1 before the first word, then K
+    words = torch.full((B,), START_ID, dtype=torch.long, device=device)  # (b*k,)
     finished = torch.zeros(B, 1, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, 1, device=device)
-    tokens = torch.zeros(B, 1, 0, dtype=torch.long, device=device)  # (B, k, t)
-    alphas = None  # (B, k, t, N)
-    image_row = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
-    for _ in range(max_len):
-        k = scores.size(1)
-        logits, state, alpha = decoder.step(words, state, memory)  # (B*k, V)
+    tokens = torch.zeros(B, 1, 0, dtype=torch.long, device=device)  # (b, k, t)
+    alphas = None  # (b, k, t, N)
+    # An image whose K beams have all ended leaves the batch (a trained model's captions end at different lengths);
+    # its results wait here, padded to max_len words.
+    done_scores, done_lengths = torch.zeros(B, K, device=device), torch.zeros(B, K, device=device)
+    done_tokens = torch.full((B, K, max_len), PAD_ID, dtype=torch.long, device=device)
+    done_alphas = None  # (B, K, max_len, N)
+    for t in range(max_len):
+        b, k = scores.shape
+        logits, state, alpha = decoder.step(words, state, memory)  # (b*k, V)
         V = logits.size(-1)
-        logp = _log_probs(logits, finished.view(-1), 1.0, tokens.view(B * k, -1), no_repeat_ngram).view(B, k, V)
-        scores, flat = (scores.unsqueeze(-1) + logp).view(B, k * V).topk(K, dim=-1)  # (B, K)
+        logp = _log_probs(logits, finished.view(-1), 1.0, tokens.view(b * k, -1), no_repeat_ngram).view(b, k, V)
+        scores, flat = (scores.unsqueeze(-1) + logp).view(b, k * V).topk(K, dim=-1)  # (b, K)
         origin, words = flat // V, flat % V  # which beam each survivor extends, with which word
-        state = tuple(s.index_select(1, (origin + image_row * k).view(-1)) for s in state)
+        beam_rows = origin + torch.arange(b, device=device).unsqueeze(1) * k
+        state = tuple(s.index_select(1, beam_rows.view(-1)) for s in state)
         tokens = torch.cat([tokens.gather(1, origin.unsqueeze(-1).expand(-1, -1, tokens.size(-1))),
                             words.unsqueeze(-1)], -1)
         if alpha is not None:
-            alpha = alpha.view(B, k, 1, -1).gather(1, origin.view(B, K, 1, 1).expand(-1, -1, 1, alpha.size(-1)))
+            alpha = alpha.view(b, k, 1, -1).gather(1, origin.view(b, K, 1, 1).expand(-1, -1, 1, alpha.size(-1)))
             alphas = alpha if alphas is None else torch.cat(
-                [alphas.gather(1, origin.view(B, K, 1, 1).expand(-1, -1, *alphas.shape[2:])), alpha], dim=2)
+                [alphas.gather(1, origin.view(b, K, 1, 1).expand(-1, -1, *alphas.shape[2:])), alpha], dim=2)
         was_finished = finished.gather(1, origin)
         lengths = lengths.gather(1, origin) + (~was_finished).float()
         finished = was_finished | (words == END_ID)
         words = words.view(-1)
-        if finished.all():
+        ended = finished.all(1)  # (b,)
+        n_ended = int(ended.sum())  # the step's one host sync
+        last = n_ended == b or t == max_len - 1
+        if not last and n_ended * 8 < b:  # re-gathering the memory is worth it once an eighth have ended
+            continue
+        leave = torch.arange(b, device=device) if last else ended.nonzero().squeeze(1)
+        done_scores[images[leave]], done_lengths[images[leave]] = scores[leave], lengths[leave]
+        done_tokens[images[leave], :, :t + 1] = tokens[leave]
+        if alphas is not None:
+            if done_alphas is None:
+                done_alphas = alphas.new_zeros(B, K, max_len, alphas.size(-1))
+            done_alphas[images[leave], :, :t + 1] = alphas[leave]
+        if last:
             break
+        keep = (~ended).nonzero().squeeze(1)
+        images, scores, finished, lengths, tokens = images[keep], scores[keep], finished[keep], lengths[keep], tokens[keep]
+        alphas = alphas[keep] if alphas is not None else None
+        rows = (keep.unsqueeze(1) * K + torch.arange(K, device=device)).view(-1)  # the kept images' beams
+        state, words = tuple(s.index_select(1, rows) for s in state), words[rows]
+        memory = tuple(m.index_select(0, images) for m in image_memory)
+    scores, lengths, tokens = done_scores, done_lengths, done_tokens[:, :, :t + 1]
+    alphas = done_alphas[:, :, :t + 1] if done_alphas is not None else None
     if length_penalty:
         scores = scores / lengths.clamp(min=1) ** length_penalty
     order = scores.argsort(dim=1, descending=True)[:, :n_best]  # (B, n_best)

@@ -126,6 +126,32 @@ def test_batched_beam_search_equals_one_image_at_a_time(kind, beam_size):
                 torch.testing.assert_close(b.attention, a.attention, rtol=1e-5, atol=1e-5)
 
 
+def test_beam_search_steps_one_row_per_image_first_and_drops_images_whose_beams_all_ended():
+    """The first step runs one row per image, then K per image; an image leaves the batch once all its beams have
+    ended, and every image's hypotheses are still those of the image searched alone."""
+    decoder, K = _decoder("attention"), 3
+    grid, pooled = _inputs(batch=8, seed=2)  # images leave after steps 5, 6 and 11
+    rows_stepped = []
+    step = decoder.step
+
+    def counting_step(words, state, memory):
+        rows_stepped.append(words.size(0))
+        assert memory[0].size(0) * K == words.size(0) or len(rows_stepped) == 1  # K beams read one image's memory
+        return step(words, state, memory)
+
+    decoder.step = counting_step
+    batched = beam_search(decoder, grid, pooled, beam_size=K, max_len=12, n_best=K)
+    decoder.step = step
+    assert rows_stepped[:2] == [8, 8 * K] and len(set(rows_stepped[1:])) >= 3  # two or more departures
+    assert all(n % K == 0 for n in rows_stepped[1:]) and rows_stepped[1:] == sorted(rows_stepped[1:], reverse=True)
+    for i in range(8):
+        (alone,) = beam_search(decoder, grid[i:i + 1], pooled[i:i + 1], beam_size=K, max_len=12, n_best=K)
+        assert [h.tokens for h in batched[i]] == [h.tokens for h in alone]
+        for b, a in zip(batched[i], alone):
+            assert b.score == pytest.approx(a.score, abs=1e-5)
+            torch.testing.assert_close(b.attention, a.attention, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["attention", "show_tell"])
 def test_beam_hypotheses_carry_their_own_scores_and_attention(kind):
     """Re-scoring each returned hypothesis word by word gives its score and attention: beams were re-indexed right."""
