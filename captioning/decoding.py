@@ -152,7 +152,7 @@ def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tenso
         logits, state, alpha = decoder.step(words, state, memory)  # (b*k, V)
         V = logits.size(-1)
         logp = _log_probs(logits, finished.view(-1), 1.0, tokens.view(b * k, -1), no_repeat_ngram).view(b, k, V)
-        scores, flat = (scores.unsqueeze(-1) + logp).view(b, k * V).topk(K, dim=-1)  # (b, K)
+        scores, flat = logp.add_(scores.unsqueeze(-1)).view(b, k * V).topk(K, dim=-1)  # (b, K), in place: a fresh logp
         origin, words = flat // V, flat % V  # which beam each survivor extends, with which word
         beam_rows = origin + torch.arange(b, device=device).unsqueeze(1) * k
         state = tuple(s.index_select(1, beam_rows.view(-1)) for s in state)

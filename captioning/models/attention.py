@@ -27,8 +27,8 @@ class AdditiveAttention(nn.Module):
 
         The score w . tanh(k + q) is computed as 2 w . sigmoid(2k + 2q) - sum(w): the same number, and the constant
         cancels in the softmax. On CPUs sigmoid is several times faster than tanh, and this (B, K, N, A) activation
-        is the largest elementwise work of a decoding step. It is computed a few images at a time: each block stays
-        in cache from the add through the score, where a whole batch's (32 MB at 64 images, beam 5) went through
+        is the largest elementwise work of a decoding step. On a CPU it is computed a few images at a time: each block
+        stays in cache from the add through the score, where a whole batch's (32 MB at 64 images, beam 5) went through
         memory three times; with keys read once per image rather than once per beam, this halved the attention's
         time in batched beam search on a 2-core CPU. The score is a matrix-vector product with the score layer's
         weight: through nn.Linear its backward is a (B*N, 1) x (1, A) matrix product, which CPU BLAS runs several
@@ -36,9 +36,10 @@ class AdditiveAttention(nn.Module):
         B, N, A = keys.shape
         K = query.size(0) // B
         q = 2 * self.query(query).view(B, K, 1, A)
-        images = max(1, BLOCK // (K * N * A))  # per block; split, not sliced: the backward concatenates
-        e = torch.cat([2 * ((k.unsqueeze(1) + qk).sigmoid_() @ self.score.weight[0])
-                       for k, qk in zip(keys.split(images), q.split(images))])  # (B, K, N)
+        # images per block on a CPU; a GPU takes the whole batch at once (a block would be one more kernel launch)
+        images = max(1, BLOCK // (K * N * A) if keys.device.type == "cpu" else B)
+        e = torch.cat([2 * ((k.unsqueeze(1) + qk).sigmoid_() @ self.score.weight[0])  # split, not sliced: the
+                       for k, qk in zip(keys.split(images), q.split(images))])  # backward concatenates; (B, K, N)
         if mask is not None:
             e = e.masked_fill(~mask.unsqueeze(1), float("-inf"))
         alpha = e.float().softmax(dim=-1).to(features.dtype)  # softmax in fp32 under mixed precision
