@@ -5,6 +5,7 @@ Unknown keys and wrong types are errors, so a typo in a config never silently tr
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -218,3 +219,13 @@ def validate(cfg: Config) -> Config:
     if cfg.data.captions_per_image < 1:
         raise ConfigError("config key 'data.captions_per_image' must be at least 1")
     return cfg
+
+
+def at_least(low: int):
+    """An argparse type for a command-line count: an integer >= low, else a one-line usage error naming the option."""
+    def integer(text: str) -> int:
+        value = int(text)  # argparse reports "invalid integer value" when this fails
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return integer

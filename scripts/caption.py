@@ -16,6 +16,7 @@ from pathlib import Path
 
 from captioning.batch import DEFAULT_MAX_PIXELS, FORMATS, caption_files, expand_inputs, format_for, open_writer
 from captioning.checkpoint import CheckpointError
+from captioning.config import at_least
 from captioning.inference import ImageCaptioner
 
 DEFAULT_OUT = {"jsonl": "captions.jsonl", "csv": "captions.csv", "coco": "captions.json"}
@@ -27,11 +28,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, or .txt lists of image paths")
     p.add_argument("--out", help="results file (default: captions.jsonl, .csv or .json after --format)")
     p.add_argument("--format", choices=FORMATS, help="default: from --out's extension (.csv, .json = coco), else jsonl")
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--max-len", type=int, default=20, help="most words per caption")
-    p.add_argument("--n-best", type=int, default=1, help="also write the N best captions with scores (N <= beam)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader processes decoding images")
+    p.add_argument("--beam-size", type=at_least(1), default=3)
+    p.add_argument("--max-len", type=at_least(1), default=20, help="most words per caption")
+    p.add_argument("--n-best", type=at_least(1), default=1, help="also write the N best captions with scores (N <= beam)")
+    p.add_argument("--batch-size", type=at_least(1), default=16)
+    p.add_argument("--num-workers", type=at_least(0), default=2, help="DataLoader processes decoding images")
     p.add_argument("--flat", action="store_true", help="take only the images directly inside each folder")
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any image failed")
     p.add_argument("--overwrite", action="store_true", help="start the output afresh instead of resuming it")

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from captioning.checkpoint import CheckpointError
-from captioning.config import ConfigError, load_config
+from captioning.config import ConfigError, at_least, load_config
 from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, build_source, collate_eval
 from captioning.engine import evaluate, resolve_device
 from captioning.models import load_model
@@ -25,13 +25,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by scripts/train.py")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--max-len", type=int, default=20)
+    p.add_argument("--beam-size", type=at_least(1), default=3)
+    p.add_argument("--max-len", type=at_least(1), default=20)
     p.add_argument("--length-penalty", type=float, default=0.0, help="divide beam scores by length**this")
-    p.add_argument("--no-repeat-ngram", type=int, default=3, metavar="N",
+    p.add_argument("--no-repeat-ngram", type=at_least(0), default=3, metavar="N",
                    help="never repeat an N-gram within a caption (0 = allow repeats)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--batch-size", type=at_least(1), default=32)
+    p.add_argument("--num-workers", type=at_least(0), default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (the slowest metric; needs Java)")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",

@@ -31,7 +31,7 @@ def _load_script(name: str):
     return module
 
 
-train_script, evaluate_script = _load_script("train"), _load_script("evaluate")
+train_script, evaluate_script, caption_script = _load_script("train"), _load_script("evaluate"), _load_script("caption")
 
 
 def _script(name: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -125,6 +125,19 @@ def test_every_set_flag_applies(script):
     if script is evaluate_script:
         argv += ["--checkpoint", "x.pt"]
     assert script.get_args_parser().parse_args(argv).set == ["data.root=/a", "data.year=2014", "data.num_workers=0"]
+
+
+@pytest.mark.parametrize("option, value", [("--max-len", "0"), ("--beam-size", "0"), ("--batch-size", "-2"),
+                                           ("--num-workers", "-1"), ("--max-len", "ten")])
+@pytest.mark.parametrize("script", [caption_script, evaluate_script], ids=["caption", "evaluate"])
+def test_counts_out_of_range_are_a_usage_error_naming_the_option(script, option, value, capsys):
+    argv = ["--checkpoint", "x.pt", *(["photos"] if script is caption_script else [])]
+    with pytest.raises(SystemExit) as exit_info:
+        script.get_args_parser().parse_args([*argv, option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: " in capsys.readouterr().err
+    args = script.get_args_parser().parse_args([*argv, option, "1"])
+    assert getattr(args, option[2:].replace("-", "_")) == 1
 
 
 def test_evaluate_script_with_a_missing_checkpoint_exits_with_one_line(tmp_path):
