@@ -181,7 +181,8 @@ def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tenso
         if last:
             break
         keep = (~ended).nonzero().squeeze(1)
-        images, scores, finished, lengths, tokens = images[keep], scores[keep], finished[keep], lengths[keep], tokens[keep]
+        images, scores, finished = images[keep], scores[keep], finished[keep]
+        lengths, tokens = lengths[keep], tokens[keep]
         alphas = alphas[keep] if alphas is not None else None
         rows = (keep.unsqueeze(1) * K + torch.arange(K, device=device)).view(-1)  # the kept images' beams
         state, words = tuple(s.index_select(1, rows) for s in state), words[rows]

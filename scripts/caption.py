@@ -30,7 +30,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, help="default: from --out's extension (.csv, .json = coco), else jsonl")
     p.add_argument("--beam-size", type=at_least(1), default=3)
     p.add_argument("--max-len", type=at_least(1), default=20, help="most words per caption")
-    p.add_argument("--n-best", type=at_least(1), default=1, help="also write the N best captions with scores (N <= beam)")
+    p.add_argument("--n-best", type=at_least(1), default=1,
+                   help="also write the N best captions with scores (N <= beam)")
     p.add_argument("--batch-size", type=at_least(1), default=16)
     p.add_argument("--num-workers", type=at_least(0), default=2, help="DataLoader processes decoding images")
     p.add_argument("--flat", action="store_true", help="take only the images directly inside each folder")
