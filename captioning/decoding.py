@@ -171,13 +171,14 @@ def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tenso
         last = n_ended == b or t == max_len - 1
         if not last and n_ended * 8 < b:  # re-gathering the memory is worth it once an eighth have ended
             continue
-        leave = torch.arange(b, device=device) if last else ended.nonzero().squeeze(1)
-        done_scores[images[leave]], done_lengths[images[leave]] = scores[leave], lengths[leave]
-        done_tokens[images[leave], :, :t + 1] = tokens[leave]
+        leave = slice(None) if last else ended.nonzero().squeeze(1)
+        gone = images[leave]  # their places among the B images
+        done_scores[gone], done_lengths[gone] = scores[leave], lengths[leave]
+        done_tokens[gone, :, :t + 1] = tokens[leave]
         if alphas is not None:
             if done_alphas is None:
                 done_alphas = alphas.new_zeros(B, K, max_len, alphas.size(-1))
-            done_alphas[images[leave], :, :t + 1] = alphas[leave]
+            done_alphas[gone, :, :t + 1] = alphas[leave]
         if last:
             break
         keep = (~ended).nonzero().squeeze(1)
