@@ -140,6 +140,17 @@ def test_counts_out_of_range_are_a_usage_error_naming_the_option(script, option,
     assert getattr(args, option[2:].replace("-", "_")) == 1
 
 
+def test_benchmark_runs_and_its_batched_beam_search_gives_the_captions_of_one_image_at_a_time(tmp_path):
+    """scripts/benchmark.py at quick sizes: it exits non-zero when the batched beam search it times gives other
+    captions than the same search one image at a time, and ends with the summary line of every area it ran."""
+    result = _script("benchmark.py", "beam", "train", "--quick", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "captions identical      : 8/8 " in result.stdout
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("summary (cpu, ") and "beam " in summary, summary
+    assert "(1/image)" in summary and "(5/image)" in summary, summary
+
+
 def test_evaluate_script_with_a_missing_checkpoint_exits_with_one_line(tmp_path):
     missing = tmp_path / "nowhere" / "best.pt"
     result = _script("evaluate.py", "--checkpoint", missing, "--no-meteor", "--device", "cpu", cwd=tmp_path)
