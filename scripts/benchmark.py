@@ -283,8 +283,8 @@ def bench_train(args, device: torch.device, work: Path) -> dict:
         (_, _, t_cached, t_in_loop), ratios = paired(partial(from_cache, steps), partial(with_encoder, steps), device)
         cached, in_loop = (steps * n_images * per_image / t for t in (t_cached, t_in_loop))
         ratio = cached / in_loop
-        work = {name: flops(lambda b=batch: training_steps(model, b, cfg, device)(1)) / 1e9
-                for name, batch in (("cached", features), ("in the loop", images))}
+        work = {name: flops(partial(run, 1)) / 1e9
+                for name, run in (("cached", from_cache), ("in the loop", with_encoder))}
         print(f"  {per_image} caption{'s' if per_image > 1 else ''} per image ({n_images * per_image} per step)")
         line("cached features", f"{cached:8.1f} captions/s ({work['cached']:.0f} GFLOP per step)")
         line("ResNet-50 in the loop", f"{in_loop:8.1f} captions/s ({work['in the loop']:.0f} GFLOP per step)")
