@@ -112,7 +112,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
         try:
-            return i, self.preprocess(open_image(self.paths[i], self.max_pixels))
+            return i, self.preprocess(open_image(self.paths[i], self.max_pixels, self.preprocess.size))
         except (BadImageError, OSError) as e:
             return i, describe_failure(self.paths[i], e)
 

@@ -158,7 +158,7 @@ def describe_photo(captioner: ImageCaptioner | None, path: str | None, beam_size
     if not path:
         return None, EMPTY_CAPTION, [], []
     try:
-        photo = open_image(path)
+        photo = open_image(path, min_size=captioner.preprocess.size)  # shown at 220 px high: no need for more
     except (BadImageError, OSError) as e:
         message = (f"{Path(path).name} could not be read: {describe_failure(path, e)}. Please upload a JPEG, PNG, "
                    "WebP or other common image file.")

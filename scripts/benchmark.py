@@ -1,6 +1,6 @@
 """Speed and memory figures: each area prints a ratio of two things measured in the same run, with the absolute
-numbers beside it, and the run ends with a one-line summary to paste into an issue. Beam and train time the two sides
-of their ratio in three alternating rounds and report the median round.
+numbers beside it, and the run ends with a one-line summary to paste into an issue. Beam, train and folder time the
+two sides of their ratio in three alternating rounds and report the median round.
 
     python scripts/benchmark.py                        # every area (CUDA-only figures are skipped on a CPU)
     python scripts/benchmark.py beam latency --quick   # small sizes, for a quick check
@@ -295,51 +295,73 @@ def bench_train(args, device: torch.device, work: Path) -> dict:
     return {"summary": ", ".join(summary), "ok": True}
 
 
-def encoder_rate(model: Captioner, image_size: int, n_images: int, batch_size: int, amp: bool = True) -> float:
-    """Images/s of the encoder alone on preloaded tensors, as caption_batch runs it (no_grad, autocast)."""
+def encoder_pass(model: Captioner, image_size: int, n_images: int, batch_size: int, amp: bool = True
+                 ) -> Callable[[], int]:
+    """A function that runs the encoder alone over n_images preloaded images (whole batches, at least one) as
+    caption_batch runs it (no_grad, autocast) -> how many it encoded."""
     device = next(model.parameters()).device
     batch = torch.randn(batch_size, 3, image_size, image_size).to(device)
+    batches = max(1, n_images // batch_size)
 
     @torch.no_grad()
-    def run(n: int) -> None:
-        for _ in range(n):
+    def run() -> int:
+        for _ in range(batches):
             with autocast(device, amp):
                 model.encode(batch)
+        return batches * batch_size
 
-    run(1)
-    batches = max(1, n_images // batch_size)
-    _, seconds = timed(lambda: run(batches), device)
-    return batches * batch_size / seconds
+    return run
 
 
-def folder_rate(captioner: ImageCaptioner, paths: list[str], out: Path, beam_size: int, batch_size: int,
-                num_workers: int) -> tuple[float, float]:
-    """(images/s of captioning.batch.caption_files over `paths`, mean caption length in words)."""
+def encoder_rate(model: Captioner, image_size: int, n_images: int, batch_size: int, amp: bool = True) -> float:
+    """Images/s of encoder_pass, after one warm-up pass."""
+    run = encoder_pass(model, image_size, n_images, batch_size, amp)
+    run()
+    count, seconds = timed(run, next(model.parameters()).device)
+    return count / seconds
+
+
+def folder_pass(captioner: ImageCaptioner, paths: list[str], out: Path, beam_size: int, batch_size: int,
+                num_workers: int) -> Callable[[], int]:
+    """A function that captions `paths` afresh into `out` with captioning.batch.caption_files -> how many it
+    captioned. One batch is captioned first, as a warm-up."""
     with open_writer(out.with_suffix(".warmup.jsonl"), "jsonl", overwrite=True) as writer:
         caption_files(captioner, paths[:batch_size], writer, beam_size, batch_size=batch_size, num_workers=0,
                       progress=False)
-    with open_writer(out, "jsonl", overwrite=True) as writer:
-        summary, seconds = timed(lambda: caption_files(captioner, paths, writer, beam_size, batch_size=batch_size,
-                                                       num_workers=num_workers, progress=False), captioner.device)
-    if summary.done != len(paths):
-        raise RuntimeError(f"captioned {summary.done} of {len(paths)} images")
-    words = [len(json.loads(r)["caption"].split()) for r in out.read_text().splitlines()]
-    return len(paths) / seconds, float(np.mean(words))
+
+    def run() -> int:
+        with open_writer(out, "jsonl", overwrite=True) as writer:
+            summary = caption_files(captioner, paths, writer, beam_size, batch_size=batch_size,
+                                    num_workers=num_workers, progress=False)
+        if summary.done != len(paths):
+            raise RuntimeError(f"captioned {summary.done} of {len(paths)} images")
+        return summary.done
+
+    return run
+
+
+def mean_words(out: Path) -> float:
+    """Mean caption length in a JSON Lines results file."""
+    return float(np.mean([len(json.loads(r)["caption"].split()) for r in out.read_text().splitlines()]))
 
 
 def bench_folder(args, device: torch.device, work: Path) -> dict:
-    n_images, batch_size, beam, workers = (16 if args.quick else 64), 16, 3, 2
+    n_images, batch_size, beam, workers = (16 if args.quick else 64), 16, 3, 2  # caption.py's defaults
     checkpoint = write_checkpoint(work / "resnet50.pt", model_config("resnet50"))
     captioner = ImageCaptioner.from_checkpoint(checkpoint, str(device))
     paths = list(expand_inputs([write_photos(work / "photos", n_images)[0].parent]))
     print(f"folder: {n_images} JPEG photos 640x480, ResNet-50 at 224, beam {beam}, batch {batch_size}, "
           f"{workers} loader workers")
-    end_to_end, length = folder_rate(captioner, paths, work / "folder.jsonl", beam, batch_size, workers)
-    bare = encoder_rate(captioner.model, captioner.preprocess.size, n_images, batch_size)
-    ratio = end_to_end / bare
-    line("folder captioning", f"{end_to_end:8.2f} images/s (mean caption {length:.1f} words)")
-    line("encoder alone", f"{bare:8.2f} images/s")
-    line("ratio", f"{ratio:.2f} (target >= 0.70)")
+    end_to_end = folder_pass(captioner, paths, work / "folder.jsonl", beam, batch_size, workers)
+    bare = encoder_pass(captioner.model, captioner.preprocess.size, n_images, batch_size)
+    bare()  # warm-up
+    (count, _, t_bare, t_folder), ratios = paired(bare, end_to_end, device)
+    ratio = t_bare / t_folder  # the same images on both sides
+    line("folder captioning", f"{n_images / t_folder:8.2f} images/s (mean caption "
+                              f"{mean_words(work / 'folder.jsonl'):.1f} words)")
+    line("encoder alone", f"{count / t_bare:8.2f} images/s")
+    line("ratio", f"{ratio:.2f} (target >= 0.70), the median of three rounds "
+                  f"({1 / ratios[-1]:.2f}-{1 / ratios[0]:.2f})")
     return {"summary": f"folder {ratio:.2f}", "ok": True}
 
 
@@ -500,12 +522,15 @@ def bench_gpu(args, device: torch.device, work: Path) -> dict:
     base = torch.cuda.memory_allocated(device)
     captioner = ImageCaptioner.from_checkpoint(checkpoint, str(device))
     paths = list(expand_inputs([write_photos(work / "gpu_photos", n_files)[0].parent]))
+    run = folder_pass(captioner, paths, work / "gpu_folder.jsonl", 3, batch_size, workers)
     torch.cuda.reset_peak_memory_stats(device)
-    end_to_end, length = folder_rate(captioner, paths, work / "gpu_folder.jsonl", 3, batch_size, workers)
+    count, seconds = timed(run, device)
+    end_to_end = count / seconds
     peaks["folder captioning"] = torch.cuda.max_memory_allocated(device) - base
     bare = encoder_rate(captioner.model, captioner.preprocess.size, n_files, batch_size)
     line("folder, ResNet-101", f"{end_to_end:8.0f} images/s ({n_files} JPEGs 640x480, beam 3, batch {batch_size}, "
-                               f"{workers} loader workers, mean caption {length:.1f} words)")
+                               f"{workers} loader workers, mean caption {mean_words(work / 'gpu_folder.jsonl'):.1f} "
+                               "words)")
     line("encoder alone", f"{bare:8.0f} images/s (mixed, NHWC, preloaded tensors)")
     line("ratio", f"{end_to_end / bare:.2f} folder / encoder")
     line("peak GPU memory", ", ".join(f"{name} {peak / 2**20:.0f} MiB" for name, peak in peaks.items()))

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from captioning.data.sources import (
     BadImageError,
     CaptionSource,
+    Sample,
     coco_source,
     flickr8k_source,
     karpathy_source,
@@ -270,6 +272,52 @@ def test_open_image_exif_rotation_and_animation(tmp_path):
     assert header(gif) == ("P", 2)
     out = open_image(gif)
     assert out.mode == "RGB" and pixel(out).tolist() == [255, 0, 0]
+
+
+def test_open_image_min_size_decodes_large_jpegs_at_a_smaller_scale(tmp_path, make_jpeg):
+    """A JPEG comes out at the smallest 1/2, 1/4 or 1/8 scale with both sides still >= min_size, EXIF rotation
+    applied after; other formats and min_size 0 keep the full size. Shrunk to the model's input, the reduced decode
+    gives nearly the same pixels as the full one."""
+    from captioning.data.datasets import Preprocess
+
+    jpeg = make_jpeg(tmp_path / "photo.jpg", seed=0, size=(1000, 800))
+    assert open_image(jpeg).size == (1000, 800)
+    assert open_image(jpeg, min_size=224).size == (500, 400)  # 1/4 would give 250x200: under 224
+    assert open_image(jpeg, min_size=100).size == (125, 100)  # 1/8
+    assert open_image(jpeg, min_size=600).size == (1000, 800)  # 1/2 would give 500x400
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    rotated = saved(Image.open(jpeg), tmp_path / "rotated.jpg", exif=exif.tobytes())
+    assert open_image(rotated, min_size=224).size == (400, 500)
+    png = saved(Image.open(jpeg), tmp_path / "photo.png")
+    assert open_image(png, min_size=224).size == (1000, 800)
+
+    preprocess = Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # values in -1..1
+    full, reduced = preprocess(open_image(jpeg)), preprocess(open_image(jpeg, min_size=224))
+    assert full.shape == reduced.shape == (3, 224, 224)
+    assert (full - reduced).abs().mean() < 1e-3  # about 1e-4; a 100x80 decode enlarged to 224 is 2e-3 off
+
+
+def test_image_loader_decodes_at_the_input_size_unless_it_crops(tmp_path, make_jpeg):
+    """Evaluation, the feature cache and validation decode a JPEG at the smallest scale covering the model's input;
+    a random crop gets the full image, so that the crop is never enlarged."""
+    from captioning.data.datasets import ImageLoader, Preprocess
+
+    class Recording(CaptionSource):
+        def load_image(self, i, min_size=0):
+            image = super().load_image(i, min_size)
+            decoded.append(image.size)
+            return image
+
+    decoded = []
+    jpeg = make_jpeg(tmp_path / "photo.jpg", seed=0, size=(1000, 800))
+    source = Recording([Sample(0, str(jpeg), ["a photo"])])
+    preprocess = Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    generator = torch.Generator().manual_seed(0)
+    assert ImageLoader(source, preprocess)(0, generator).shape == (3, 224, 224)
+    assert ImageLoader(source, preprocess, augment=True)(0).shape == (3, 224, 224)  # no generator: no crop
+    assert ImageLoader(source, preprocess, augment=True)(0, generator).shape == (3, 224, 224)
+    assert decoded == [(500, 400), (500, 400), (1000, 800)]
 
 
 def png_header(width: int, height: int) -> bytes:

@@ -63,13 +63,18 @@ class Preprocess:
 
 
 class ImageLoader:
-    """Sample i of a source -> preprocessed image; augmented when given a generator and `augment` is on."""
+    """Sample i of a source -> preprocessed image; augmented when given a generator and `augment` is on. Without
+    augmentation a JPEG is decoded at the smallest scale that covers the model's input size (open_image's min_size),
+    as folder captioning and the demo decode it; a random crop takes the whole-size image, so that the crop is never
+    enlarged."""
 
     def __init__(self, source: CaptionSource, preprocess: Preprocess, augment: bool = False):
         self.source, self.preprocess, self.augment = source, preprocess, augment
 
     def __call__(self, index: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.preprocess(self.source.load_image(index), generator if self.augment else None)
+        crop = generator if self.augment else None
+        image = self.source.load_image(index, min_size=0 if crop is not None else self.preprocess.size)
+        return self.preprocess(image, crop)
 
 
 def encode_captions(source: CaptionSource, vocab: Vocabulary, max_len: int) -> list[list[list[int]]]:

@@ -29,6 +29,7 @@ def cache_record(cfg: Config, preprocess: Preprocess, source: CaptionSource) -> 
     ids = [str(s.image_id) for s in source.samples]
     return {"encoder": cfg.model.encoder, "weights": cfg.model.encoder_weights, "grid_size": cfg.model.grid_size,
             "image_size": preprocess.size, "mean": list(preprocess.mean), "std": list(preprocess.std),
+            "jpeg_draft": True,  # JPEGs decoded at the smallest scale covering image_size (open_image's min_size)
             "dtype": cfg.data.feature_dtype, "num_images": len(ids), "first_ids": ids[:3], "last_ids": ids[-3:]}
 
 

@@ -154,7 +154,7 @@ class SyntheticShapes(CaptionSource):
         ]
         super().__init__([Sample(i, None, scene_captions(scene)) for i, scene in enumerate(self.scenes)])
 
-    def load_image(self, i: int) -> Image.Image:
+    def load_image(self, i: int, min_size: int = 0) -> Image.Image:
         return render_scene(self.scenes[i], self.image_size)
 
     def write_images(self, folder: str | Path, count: int) -> list[Path]:
