@@ -32,7 +32,7 @@ from captioning.data.datasets import (
 )
 from captioning.data.features import FeatureLoader, cache_record, extract_features
 from captioning.data.sources import CaptionSource
-from captioning.distributed import barrier, broadcast_object, cleanup, init_distributed, is_main
+from captioning.distributed import barrier, broadcast_object, cleanup, init_distributed, is_main, local_rank
 from captioning.engine import StepState, keep_freed_memory, predict, resolve_device, train_one_epoch
 from captioning.metrics import score_captions
 from captioning.models import Captioner
@@ -141,10 +141,13 @@ def _input_loaders(cfg: Config, model: Captioner, preprocess: Preprocess, train_
     for split, source in (("train", train_src), ("val", val_src)):
         record = cache_record(cfg, preprocess, source)
         folder = Path(cfg.data.feature_cache)
-        if is_main() and not (folder / f"{split}.json").exists():
-            extract_features(model.encoder, source, preprocess, folder, split, record, device,
-                             num_workers=cfg.data.num_workers)
-        barrier()
+        # Global rank 0 extracts a missing cache while the others wait. A machine that still has none after that
+        # (several machines without a shared filesystem) then extracts its own copy, on its first process.
+        for extracts in (is_main(), local_rank() == 0):
+            if extracts and not (folder / f"{split}.json").exists():
+                extract_features(model.encoder, source, preprocess, folder, split, record, device,
+                                 num_workers=cfg.data.num_workers)
+            barrier()
         loaders.append(FeatureLoader(folder, split, record))
     if cfg.data.augment:
         log.info("feature cache: training images are not augmented (features are computed once)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,44 @@ def test_resume_under_torchrun_continues_the_run(runs):
     ddp_losses = [(a + b) / 2 for a, b in zip(resumed["losses"], _evidence(runs["resumed"], 1, 1)["losses"])]
     assert ddp_losses == pytest.approx(single["losses"], rel=1e-5)
     _assert_close(resumed["model"], single["model"], atol=1e-5)
+
+
+def test_two_machines_without_a_shared_filesystem(tmp_path):
+    """Two torchrun agents rendezvous as two machines (--nnodes=2, c10d), each in its own folder with the config's
+    relative paths, as on machines that share no filesystem: each machine gets its own feature cache, both ranks
+    train the same weights, and one run folder is written, on whichever machine holds global rank 0."""
+    cfg = tiny_config(Path("run"), **{"data.num_train": 16, "data.num_val": 4, "train.batch_size": PER_RANK_BATCH,
+                                      "train.device": "cpu", "train.max_decode_len": 4,
+                                      "data.feature_cache": "features"})
+    config, evidence, launcher = tmp_path / "config.yaml", tmp_path / "evidence", tmp_path / "launcher.py"
+    save_config(cfg, config)
+    evidence.mkdir()
+    launcher.write_text(LAUNCHER)
+    with socket.socket() as s:  # a free port for the rendezvous store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    machines = [tmp_path / f"machine{n}" for n in range(2)]
+    agents = []
+    for folder in machines:
+        folder.mkdir()
+        agents.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-machines",
+             str(launcher), str(evidence), str(REPO / "scripts" / "train.py"), "--config", str(config)],
+            cwd=folder, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True))
+    try:
+        logs = [agent.communicate(timeout=180)[0] for agent in agents]
+    finally:  # an agent left waiting for a peer that never came would hold its port and the other's rendezvous
+        for agent in agents:
+            agent.kill()
+    for agent, log in zip(agents, logs):
+        assert agent.returncode == 0, f"training failed:\n{log[-3000:]}"
+    for folder in machines:
+        assert sorted(p.name for p in (folder / "features").iterdir()) == ["train.json", "train.npy", "val.json",
+                                                                             "val.npy"]
+    assert sum((folder / "run" / "last.pt").exists() for folder in machines) == 1
+    assert sorted(p.name for p in evidence.glob("saves_rank*")) == ["saves_rank0.txt"]
+    rank0, rank1 = _evidence(evidence, 0, 0), _evidence(evidence, 1, 0)
+    assert rank0["steps"] == rank1["steps"] == 2  # 16 images / 2 ranks / 4 per step
+    assert all(torch.equal(weight, rank1["model"][key]) for key, weight in rank0["model"].items())
