@@ -488,6 +488,41 @@ def test_a_loss_that_stays_nan_stops_training(tmp_path, monkeypatch):
         train(_small(tmp_path / "run", **{"data.num_train": 48, "train.batch_size": 4}))  # 12 steps
 
 
+# ---------------------------------------------------------------------------------------------------- loss scaling
+
+def _scaled(monkeypatch, init_scale: float) -> None:
+    """train() makes a GradScaler only for fp16 on CUDA GPUs without bf16. Give it an enabled CPU one instead, so that
+    the same steps run: scaled backward, unscale before clipping, fused Adam's step through the scaler, update."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler",
+                        lambda device, enabled: real("cpu", init_scale=init_scale, growth_interval=2))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_loss_scaling_trains_the_same_weights_and_skips_overflowing_steps(tmp_path, monkeypatch):
+    overrides = {"train.epochs": 2}  # 6 steps
+    plain = train(_small(tmp_path / "plain", **overrides))
+    with monkeypatch.context() as patch:
+        _scaled(patch, 2.0 ** 16)
+        scaled = train(_small(tmp_path / "scaled", **overrides))
+    # Scaling by a power of two and unscaling before the clip and the step is exact in fp32.
+    _assert_same_weights(plain / "last.pt", scaled / "last.pt")
+    state = load_checkpoint(scaled / "last.pt")
+    assert state["scaler"]["scale"] == 2.0 ** 19  # 6 finite steps, growing every 2nd
+    assert float(state["optimizer"]["state"][0]["step"]) == 6
+
+    with monkeypatch.context() as patch:  # 2^127 times the loss overflows fp32's gradients: those steps are skipped
+        _scaled(patch, 2.0 ** 127)
+        overflow = train(_small(tmp_path / "overflow", **overrides))
+    state = load_checkpoint(overflow / "last.pt")
+    skipped = 6 - int(state["optimizer"]["state"][0]["step"])
+    assert skipped >= 1
+    assert state["progress"]["global_step"] == 6
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    # the overflowing steps come first, each halving the scale; then every 2nd finite step doubles it
+    assert state["scaler"]["scale"] == 2.0 ** (127 - skipped + (6 - skipped) // 2)
+
+
 # ------------------------------------------------------------------------------------------------------- it learns
 
 def test_a_small_attention_model_learns_the_synthetic_shapes(tmp_path):
