@@ -67,18 +67,26 @@ def _config(tmp_path: Path, name: str, batch_size: int, epochs: int) -> Path:
     return path
 
 
-def _launch(tmp_path: Path, name: str, args: list[str], nproc: int) -> Path:
-    """Run scripts/train.py with `args` through the launcher (under torchrun when nproc > 1) -> evidence folder."""
-    evidence = tmp_path / name / "evidence"
+def _command(tmp_path: Path, evidence: Path, torchrun: list[str], args: list[str]) -> list[str]:
+    """The command that runs scripts/train.py with `args` through the launcher, under torchrun with the `torchrun`
+    options unless they are empty; the launcher saves its evidence in `evidence`."""
     evidence.mkdir(parents=True, exist_ok=True)
     launcher = tmp_path / "launcher.py"
     launcher.write_text(LAUNCHER)
-    prefix = [sys.executable]
-    if nproc > 1:
-        prefix += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank: 2 ranks share the 2 CPU cores a CI machine has
-    result = subprocess.run([*prefix, str(launcher), str(evidence), str(REPO / "scripts" / "train.py"), *args],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    prefix = [sys.executable, "-m", "torch.distributed.run", *torchrun] if torchrun else [sys.executable]
+    return [*prefix, str(launcher), str(evidence), str(REPO / "scripts" / "train.py"), *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank: 2 ranks share the 2 CPU cores CI has
+
+
+def _launch(tmp_path: Path, name: str, args: list[str], nproc: int) -> Path:
+    """Run scripts/train.py with `args` through the launcher (under torchrun when nproc > 1) -> evidence folder."""
+    evidence = tmp_path / name / "evidence"
+    torchrun = ["--nproc_per_node", str(nproc), "--standalone"] if nproc > 1 else []
+    result = subprocess.run(_command(tmp_path, evidence, torchrun, args), cwd=tmp_path, env=_env(),
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return evidence
 
@@ -156,23 +164,19 @@ def test_two_machines_without_a_shared_filesystem(tmp_path):
     cfg = tiny_config(Path("run"), **{"data.num_train": 16, "data.num_val": 4, "train.batch_size": PER_RANK_BATCH,
                                       "train.device": "cpu", "train.max_decode_len": 4,
                                       "data.feature_cache": "features"})
-    config, evidence, launcher = tmp_path / "config.yaml", tmp_path / "evidence", tmp_path / "launcher.py"
+    config, evidence = tmp_path / "config.yaml", tmp_path / "evidence"
     save_config(cfg, config)
-    evidence.mkdir()
-    launcher.write_text(LAUNCHER)
     with socket.socket() as s:  # a free port for the rendezvous store
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    torchrun = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-machines"]
     machines = [tmp_path / f"machine{n}" for n in range(2)]
     agents = []
     for folder in machines:
         folder.mkdir()
-        agents.append(subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-machines",
-             str(launcher), str(evidence), str(REPO / "scripts" / "train.py"), "--config", str(config)],
-            cwd=folder, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True))
+        agents.append(subprocess.Popen(_command(tmp_path, evidence, torchrun, ["--config", str(config)]), cwd=folder,
+                                       env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         logs = [agent.communicate(timeout=180)[0] for agent in agents]
     finally:  # an agent left waiting for a peer that never came would hold its port and the other's rendezvous
