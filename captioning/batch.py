@@ -20,10 +20,9 @@ import re
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import torch
 from PIL import Image
@@ -37,22 +36,31 @@ from captioning.visualize import attention_figure
 
 FORMATS = ("jsonl", "csv", "coco")
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
-IMAGE_SUFFIXES = frozenset(Image.registered_extensions())  # every extension Pillow can open, e.g. ".jpg"
+# Extensions of the image files a folder search picks up: those Pillow can open, less formats that hold no photo
+# (video, scientific data, vector graphics that need Ghostscript), plus HEIC/HEIF (phone cameras), which need the
+# pillow-heif plugin and are otherwise reported as unreadable rather than passed over.
+NOT_PHOTOS = frozenset({".bufr", ".eps", ".fit", ".fits", ".grib", ".h5", ".hdf", ".mpeg", ".mpg", ".ps", ".wmf",
+                        ".emf"})
+IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items()
+                           if fmt in Image.OPEN and ext not in NOT_PHOTOS) | {".heic", ".heif"}
 LIST_SUFFIXES = (".txt", ".lst")
+RECORD_START = '{"path": '  # how every JSON Lines record this program writes begins
 COCO_NAME = re.compile(r"COCO_[a-z]+\d{4}_(\d+)")  # COCO 2014 file names: COCO_val2014_000000391895
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
 
 
-def expand_inputs(inputs: Iterable[str | Path], recursive: bool = True) -> Iterator[str]:
+def expand_inputs(inputs: Iterable[str | Path], recursive: bool = True,
+                  on_error: Callable[[OSError], None] | None = None) -> Iterator[str]:
     """Image paths from files, folders (image files inside, recursively unless `recursive` is off; hidden files and
-    folders left out) and list files (.txt/.lst: one path per line, relative to the list file; blank lines and lines
-    starting with '#' ignored). A file named directly is tried whatever its extension, so a bad one gets reported."""
+    folders and symbolic links to folders left out) and list files (.txt/.lst: one path per line, relative to the list
+    file; blank lines and lines starting with '#' ignored). A file named directly is tried whatever its extension, so
+    a bad one gets reported. A folder that cannot be read is passed to `on_error` (ignored without one)."""
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            yield from _walk(path, recursive)
+            yield from _walk(path, recursive, on_error)
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
             yield from _read_list(path)
         elif path.is_file():
@@ -62,8 +70,8 @@ def expand_inputs(inputs: Iterable[str | Path], recursive: bool = True) -> Itera
                                     "image paths one per line)")
 
 
-def _walk(folder: Path, recursive: bool) -> Iterator[str]:
-    for root, dirs, files in os.walk(folder):
+def _walk(folder: Path, recursive: bool, on_error: Callable[[OSError], None] | None) -> Iterator[str]:
+    for root, dirs, files in os.walk(folder, onerror=on_error):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         for name in sorted(files):
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
@@ -71,7 +79,9 @@ def _walk(folder: Path, recursive: bool) -> Iterator[str]:
 
 
 def _read_list(list_file: Path) -> Iterator[str]:
-    with open(list_file, encoding="utf-8") as f:
+    # utf-8-sig: a list saved by Windows Notepad starts with a byte-order mark. Bytes that are not UTF-8 (file names
+    # from an old archive) pass through as they are, so the path opens the file the list names.
+    with open(list_file, encoding="utf-8-sig", errors="surrogateescape") as f:
         for line in f:
             entry = line.strip()
             if entry and not entry.startswith("#"):
@@ -140,22 +150,21 @@ def format_for(out: str | Path) -> str:
     return {".csv": "csv", ".json": "coco"}.get(suffix, "jsonl")
 
 
-def _complete_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of every complete line; an unfinished last line (a run killed mid-write) is cut off the
-    file, so appending starts on a fresh line."""
-    end = 0
-    with open(path, "rb+") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.endswith(b"\n"):
-                break
-            end += len(raw)
-            yield lineno, raw.decode("utf-8").rstrip("\r\n")
-        f.truncate(end)
+def image_key(path: str) -> str:
+    """What identifies an image file across runs: its absolute path with symbolic links resolved."""
+    return os.path.realpath(path)
 
 
-def _open_output(path: Path, overwrite: bool) -> TextIO:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "w" if overwrite else "a", encoding="utf-8", newline="")
+def json_line(record: dict) -> str:
+    """One JSON Lines record, readable UTF-8. A file name that is not valid UTF-8 (a Latin-1 name from an old
+    archive: its undecodable bytes arrive as lone surrogates) cannot be written as UTF-8, so such a record escapes its
+    non-ASCII characters instead; json.loads gives back the same name, and open() the same file."""
+    text = json.dumps(record, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(record)
+    return text + "\n"
 
 
 def _resume_error(path: Path, lineno: int, problem: str) -> ValueError:
@@ -163,20 +172,51 @@ def _resume_error(path: Path, lineno: int, problem: str) -> ValueError:
                       "or write to another file with --out")
 
 
+def _cut(path: Path, end: int) -> None:
+    """Cut the file at byte `end`, where its last whole record ends (the rest is a record a killed run left half
+    written), ending it with a newline if it lacks one, so appending starts on a fresh line."""
+    with open(path, "rb+") as f:
+        f.truncate(end)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
 class ResultWriter(ABC):
     """Appends caption records to a results file, one flushable record per image, and knows which images the file
-    already holds (`done`: absolute paths)."""
+    already holds (`done`: `image_key`s).
+
+    A file to resume must be one this program wrote: anything else is refused (never overwritten) unless `overwrite`.
+    """
+
+    errors = "strict"  # how the file encodes text that is not valid UTF-8
 
     def __init__(self, path: str | Path, n_best: int = 1, overwrite: bool = False):
         self.path, self.n_best = Path(path), n_best
         self.done: set[str] = set()
+        if self.path.is_dir():
+            raise ValueError(f"--out {self.path} is a folder; name a results file, such as "
+                             f"{self.path / 'captions.jsonl'}")
         if self.path.exists() and not overwrite:
-            self._read_existing()
-        self.file = _open_output(self.path, overwrite)
+            self._check_paths(self._read_existing())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "w" if overwrite else "a", encoding="utf-8", errors=self.errors, newline="")
 
     @abstractmethod
-    def _read_existing(self) -> None:
-        """Fill `done` from the file (which exists)."""
+    def _read_existing(self) -> list[str]:
+        """Check the file (which exists) is one to resume, cut a half-written last record, fill `done`, and return
+        the image paths the file holds, as written."""
+
+    def _check_paths(self, paths: list[str]) -> None:
+        """Paths are written as given, so relative ones are relative to the folder the first run started in. When
+        none of them exists from here, this run started elsewhere and would caption every image again."""
+        relative = [p for p in paths if not os.path.isabs(p)]
+        if relative and not any(os.path.exists(p) for p in relative):
+            raise ValueError(
+                f"{self.path} holds {len(relative)} image paths relative to another folder (such as {relative[0]}), "
+                f"none of them found from {os.getcwd()}: run the command from the folder its first run started in, "
+                "or pass --overwrite to start it afresh")
 
     @abstractmethod
     def write(self, path: str, caption: Caption) -> None:
@@ -202,27 +242,38 @@ class ResultWriter(ABC):
 class JsonlWriter(ResultWriter):
     """{"path", "caption", "score"[, "nbest": [{"caption", "score"}, ...]]} per line."""
 
-    def _read_existing(self) -> None:
-        for lineno, line in _complete_lines(self.path):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise _resume_error(self.path, lineno, "is not JSON Lines") from None
-            if not isinstance(record, dict) or "path" not in record:
-                raise _resume_error(self.path, lineno, 'holds a record without a "path"')
-            self.done.add(os.path.abspath(record["path"]))
+    def _read_existing(self) -> list[str]:
+        paths, end = [], 0
+        with open(self.path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = raw.decode("utf-8", "surrogateescape")
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        if not raw.endswith(b"\n") and (line.startswith(RECORD_START) or RECORD_START.startswith(line)):
+                            break  # the last record, cut off by a killed run
+                        raise _resume_error(self.path, lineno, "is not JSON Lines") from None
+                    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+                        raise _resume_error(self.path, lineno, 'holds a record without a "path"')
+                    paths.append(record["path"])
+                end += len(raw)
+        _cut(self.path, end)
+        self.done.update(map(image_key, paths))
+        return paths
 
     def write(self, path: str, caption: Caption) -> None:
         record = {"path": path, "caption": caption.text, "score": round(caption.score, 4)}
         if self.n_best > 1:
             record["nbest"] = self._nbest(caption)
-        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.write(json_line(record))
 
 
 class CsvWriter(ResultWriter):
-    """Columns path, caption, score[, nbest (a JSON list)] under a header row."""
+    """Columns path, caption, score[, nbest (a JSON list)] under a header row. A file name that is not valid UTF-8
+    is written as its own bytes (as `ls` prints it), so the file holds the name that opens the image."""
+
+    errors = "surrogateescape"
 
     def __init__(self, path: str | Path, n_best: int = 1, overwrite: bool = False):
         self.columns = ["path", "caption", "score"] + (["nbest"] if n_best > 1 else [])
@@ -231,13 +282,29 @@ class CsvWriter(ResultWriter):
         if self.file.tell() == 0:
             self.csv.writerow(self.columns)
 
-    def _read_existing(self) -> None:
-        for lineno, line in _complete_lines(self.path):
-            row = next(csv.reader(io.StringIO(line)), [])
-            if lineno == 1 and row != self.columns:
+    def _read_existing(self) -> list[str]:
+        text = self.path.read_bytes().decode("utf-8", "surrogateescape")
+        lines = io.StringIO(text, newline="")  # a quoted field may hold a newline, so a row can span lines
+        reader = csv.reader(lines)
+        paths, start, end = [], 0, 0  # start: characters, end: bytes, where the whole rows read so far end
+        for row in reader:
+            consumed = lines.tell()  # characters read so far: up to the end of this row
+            if not row and text[consumed - 1] == "\n":
+                continue  # a blank line
+            whole = text[consumed - 1] == "\n" and len(row) == len(self.columns)
+            if not whole and consumed == len(text) and (end or ",".join(self.columns).startswith(text)):
+                break  # the last row (or the header), cut off by a killed run
+            if not end and row != self.columns:
                 raise _resume_error(self.path, 1, f"has the columns {row}, not {self.columns}")
-            if lineno > 1 and row:
-                self.done.add(os.path.abspath(row[0]))
+            if not whole:
+                raise _resume_error(self.path, reader.line_num, f"has {len(row)} columns, not {len(self.columns)}")
+            if end:
+                paths.append(row[0])
+            end += len(text[start:consumed].encode("utf-8", "surrogateescape"))
+            start = consumed
+        _cut(self.path, end)
+        self.done.update(map(image_key, paths))
+        return paths
 
     def write(self, path: str, caption: Caption) -> None:
         row = [path, caption.text, round(caption.score, 4)]
@@ -248,11 +315,17 @@ class CsvWriter(ResultWriter):
 
 class CocoWriter(JsonlWriter):
     """COCO results [{"image_id", "caption"}]: records go to a JSON Lines sidecar as they come; the array is
-    rewritten from the sidecar (streamed, then atomically replaced) when a run finishes."""
+    rewritten from the sidecar (streamed, then atomically replaced) when a run finishes. A results file without its
+    sidecar was not written here, and is refused rather than replaced."""
 
     def __init__(self, path: str | Path, n_best: int = 1, overwrite: bool = False):
         self.results = Path(path)
-        super().__init__(self.results.with_name(self.results.stem + ".progress.jsonl"), n_best, overwrite)
+        progress = self.results.with_name(self.results.stem + ".progress.jsonl")
+        if self.results.exists() and not progress.exists() and not overwrite:
+            raise ValueError(f"{self.results} exists and has no {progress.name} beside it, so it is not a results "
+                             "file of an earlier run to resume; pass --overwrite to replace it, or write to another "
+                             "file with --out")
+        super().__init__(progress, n_best, overwrite)
 
     def close(self, finished: bool = True) -> None:
         super().close(finished)
@@ -262,12 +335,13 @@ class CocoWriter(JsonlWriter):
         with open(tmp, "w", encoding="utf-8") as out:
             out.write("[")
             first = True
-            for _, line in _complete_lines(self.path):
-                if line.strip():
-                    record = json.loads(line)
-                    entry = {"image_id": coco_image_id(record["path"]), "caption": record["caption"]}
-                    out.write(("\n" if first else ",\n") + json.dumps(entry, ensure_ascii=False))
-                    first = False
+            with open(self.path, encoding="utf-8") as progress:
+                for line in progress:
+                    if line.strip():
+                        record = json.loads(line)
+                        entry = {"image_id": coco_image_id(record["path"]), "caption": record["caption"]}
+                        out.write(("\n" if first else ",\n") + json_line(entry).rstrip("\n"))
+                        first = False
             out.write("\n]\n")
         os.replace(tmp, self.results)
 
@@ -297,9 +371,10 @@ class Summary:
 
 
 def attention_file(folder: Path, path: str) -> Path:
-    """Where the attention figure of image `path` goes: its path's parts joined by '__' (unique per input)."""
-    stem = Path(path).with_suffix("")
-    return folder / ("__".join(p for p in stem.parts if p not in (stem.anchor, "..", ".")) + ".png")
+    """Where the attention figure of image `path` goes: its path's parts joined by '__', extension included (so
+    photo.jpg and photo.png get one each), then .png."""
+    path = Path(path)
+    return folder / ("__".join(p for p in path.parts if p not in (path.anchor, "..", ".")) + ".png")
 
 
 def caption_files(captioner: ImageCaptioner, paths: Iterable[str], writer: ResultWriter, beam_size: int = 3,
@@ -314,7 +389,7 @@ def caption_files(captioner: ImageCaptioner, paths: Iterable[str], writer: Resul
     summary = Summary()
     todo, seen = [], set()
     for path in paths:
-        key = os.path.abspath(path)
+        key = image_key(path)
         if key in writer.done:
             summary.skipped += 1
         elif key not in seen:
@@ -334,10 +409,10 @@ def caption_files(captioner: ImageCaptioner, paths: Iterable[str], writer: Resul
             if batch.images is not None:
                 captions = captioner.caption_batch(batch.images, beam_size=beam_size, max_len=max_len, n_best=n_best)
                 for i, caption in zip(batch.indices, captions):
-                    writer.write(todo[i], caption)
-                    if attention_dir is not None and caption.attention is not None:
+                    if attention_dir is not None and caption.attention is not None:  # before the record that says done
                         figure = attention_figure(open_image(todo[i], max_pixels), caption.words, caption.attention)
                         figure.save(attention_file(attention_dir, todo[i]))
+                    writer.write(todo[i], caption)
             writer.flush()
             summary.done += len(batch.indices)
             summary.failed += len(batch.failures)

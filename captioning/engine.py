@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from captioning.config import TrainConfig
+from captioning.config import ConfigError, TrainConfig
 from captioning.decoding import decode
 from captioning.distributed import gather_objects, is_main, local_rank
 from captioning.metrics import score_captions
@@ -24,10 +24,17 @@ from captioning.vocab import PAD_ID
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> the local CUDA device (torchrun's LOCAL_RANK) if there is one, else CPU."""
+    """'auto' -> the local CUDA device (torchrun's LOCAL_RANK) if there is one, else CPU. A device this machine does
+    not have is a ConfigError."""
     if name == "auto":
         name = f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}, but PyTorch sees {torch.cuda.device_count()} CUDA GPUs here: use auto or "
+                          "cpu (a CPU-only PyTorch build sees none)")
     if device.type == "cuda":
         if device.index is None:  # "cuda": the current device, named by its index as set_device needs
             device = torch.device("cuda", torch.cuda.current_device())

@@ -11,6 +11,7 @@ the list file. Results are flushed after every batch, and a second run skips the
 """
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -38,10 +39,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any image failed")
     p.add_argument("--overwrite", action="store_true", help="start the output afresh instead of resuming it")
     p.add_argument("--attention-dir", help="save each image's per-word attention heat maps here (attention models)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-pixels", type=at_least(1), default=DEFAULT_MAX_PIXELS,
                    help="refuse larger images (decompression bombs); raise it only for trusted files")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     return p
+
+
+def report_unreadable_folder(error: OSError) -> None:
+    print(f"failed: {error.filename}: cannot read the folder ({error.strerror})", file=sys.stderr)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -49,20 +54,34 @@ def main(args: argparse.Namespace) -> int:
         sys.exit(f"error: --n-best must be between 1 and --beam-size ({args.beam_size}), got {args.n_best}")
     fmt = args.format or (format_for(args.out) if args.out else "jsonl")
     out = Path(args.out or DEFAULT_OUT[fmt])
+    unreadable = []
     try:
-        paths = list(expand_inputs(args.inputs, recursive=not args.flat))
+        paths = list(expand_inputs(args.inputs, not args.flat, on_error=unreadable.append))
         captioner = ImageCaptioner.from_checkpoint(args.checkpoint, args.device)
         if args.attention_dir and not captioner.has_attention:
             raise ValueError(f"--attention-dir needs a model with attention; {args.checkpoint} has none")
         writer = open_writer(out, fmt, args.n_best, args.overwrite)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
-    with writer:
-        summary = caption_files(captioner, paths, writer, args.beam_size, args.max_len, args.n_best,
-                                args.batch_size, args.num_workers, args.max_pixels, args.attention_dir)
+    except OSError as e:  # a missing input, an output or list file that cannot be read or written
+        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}")
+    for error in unreadable:
+        report_unreadable_folder(error)
+    try:
+        with writer:
+            summary = caption_files(captioner, paths, writer, args.beam_size, args.max_len, args.n_best,
+                                    args.batch_size, args.num_workers, args.max_pixels, args.attention_dir)
+    except KeyboardInterrupt:
+        print(f"stopped: the captions written so far are kept in {out}; run the same command again to caption the "
+              "rest", file=sys.stderr)
+        return 130
+    except OSError as e:  # the results file or an attention map could not be written
+        sys.exit(f"error: {e.filename or out}: {e.strerror}; the captions written so far are kept in {out}")
+    summary.failed += len(unreadable)
     print(f"{summary} -> {out}")
     return 1 if args.strict and summary.failed else 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops a run as Ctrl-C does
     sys.exit(main(get_args_parser().parse_args()))

@@ -41,8 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = resolve_device(args.device)
     try:
+        device = resolve_device(args.device)
         model, cfg = load_model(args.checkpoint, device)
         cfg = load_config(None, args.set, base=cfg.to_dict())
         source = build_source(cfg.data, args.split)

@@ -28,12 +28,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     try:
         cfg = load_config(args.config, args.set)
+        device = resolve_device(cfg.train.device)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     if not cfg.data.feature_cache:
         sys.exit("error: the config has no data.feature_cache folder; add --set data.feature_cache=DIR")
     m = cfg.model
-    device = resolve_device(cfg.train.device)
     encoder = Encoder(m.encoder, m.encoder_weights, 0, m.grid_size).to(device)
     preprocess = Preprocess.for_encoder(encoder, cfg.data.image_size)
     for split in args.splits:

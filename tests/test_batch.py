@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.batch import coco_image_id, expand_inputs
+from captioning.batch import attention_file, coco_image_id, expand_inputs
+from captioning.data import sources
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("caption_script", REPO / "scripts" / "caption.py")
@@ -167,7 +169,7 @@ def test_attention_maps_and_nbest_in_jsonl(tree, trained_checkpoint, tmp_path):
     records = read_jsonl(out)
     assert all(len(r["nbest"]) == 3 and r["nbest"][0]["caption"] == r["caption"] for r in records)
     figures = sorted(maps.glob("*.png"))
-    assert sorted(p.name.rsplit("__", 1)[-1] for p in figures) == ["g.png", "h.png"]
+    assert sorted(p.name.rsplit("__", 1)[-1] for p in figures) == ["g.jpg.png", "h.png.png"]
     assert Image.open(figures[0]).width > 160  # the photo and at least one word panel
 
 
@@ -195,3 +197,124 @@ def test_command_line_end_to_end(tree, trained_checkpoint, tmp_path):
     assert f"captioned {len(tree['good'])}, skipped 0 (already captioned), failed 4" in result.stdout
     with open(tmp_path / "captions.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(tree["good"])
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS file systems refuse names that are not UTF-8")
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".json"])
+def test_a_file_name_that_is_not_utf8_is_captioned_and_resumed(trained_checkpoint, tmp_path, capsys, suffix):
+    """A Latin-1 name from an old archive: b'caf\\xe9.jpg' is no UTF-8 text, so Python hands it over as 'caf\\udce9'."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _noise(seed=1).save(photos / "a.jpg")
+    latin1 = os.fsdecode(b"caf\xe9.jpg")
+    _noise(seed=2).save(photos / latin1)
+    _noise(seed=3).save(photos / "z.jpg")  # after it in the folder's order
+    out = tmp_path / f"captions{suffix}"
+    assert run(trained_checkpoint, str(photos), "--out", str(out)) == 0
+    assert "captioned 3, skipped 0" in capsys.readouterr().out
+    assert run(trained_checkpoint, str(photos), "--out", str(out)) == 0
+    assert "captioned 0, skipped 3" in capsys.readouterr().out
+    if suffix == ".jsonl":
+        out.read_bytes().decode("utf-8")  # still valid UTF-8
+        assert str(photos / latin1) in {r["path"] for r in read_jsonl(out)}
+    if suffix == ".json":
+        assert {r["image_id"] for r in json.loads(out.read_text())} == {"a", os.fsdecode(b"caf\xe9"), "z"}
+
+
+def test_a_file_written_by_something_else_is_never_emptied(tree, trained_checkpoint, tmp_path, capsys):
+    image = str(tree["photos"] / "a.jpg")
+    for name, text in [("notes.jsonl", "my notes, no newline at the end"), ("notes.csv", "name;comment"),
+                       ("notes.json", '[{"image_id": 1, "caption": "written by hand"}]')]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit, match="--overwrite"):
+            run(trained_checkpoint, image, "--out", str(tmp_path / name))
+        assert (tmp_path / name).read_text() == text
+    # A whole JSON Lines record without its newline (another tool wrote it) is kept, and the next starts a new line.
+    kept = {"path": str(tree["photos"] / "b.png"), "caption": "a caption", "score": -1.0}
+    (tmp_path / "other.jsonl").write_text(json.dumps(kept))
+    assert run(trained_checkpoint, image, str(tree["photos"] / "b.png"), "--out", str(tmp_path / "other.jsonl")) == 0
+    assert "captioned 1, skipped 1" in capsys.readouterr().out
+    assert [r["path"] for r in read_jsonl(tmp_path / "other.jsonl")] == [kept["path"], image]
+
+
+def test_csv_resume_reads_rows_that_span_lines_and_cuts_a_half_written_one(trained_checkpoint, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, name in enumerate(["a.jpg", "two\nlines.jpg", "c.jpg"]):
+        _noise(seed=i).save(photos / name)
+    out = tmp_path / "captions.csv"
+    assert run(trained_checkpoint, str(photos), "--out", str(out)) == 0
+    whole = out.read_bytes()
+    assert run(trained_checkpoint, str(photos), "--out", str(out)) == 0
+    assert "captioned 0, skipped 3" in capsys.readouterr().out
+    out.write_bytes(whole[:-7])  # killed while writing the last row
+    assert run(trained_checkpoint, str(photos), "--out", str(out)) == 0
+    assert "captioned 1, skipped 2" in capsys.readouterr().out
+    with open(out, newline="") as f:
+        assert sorted(r["path"] for r in csv.DictReader(f)) == sorted(str(p) for p in photos.iterdir())
+
+
+def test_resume_refuses_relative_paths_from_another_folder_and_knows_a_linked_file(tree, trained_checkpoint, tmp_path,
+                                                                                     monkeypatch, capsys):
+    (tmp_path / "first").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    photos = tmp_path / "first" / "photos"
+    photos.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (photos / name).write_bytes((tree["photos"] / name).read_bytes())
+    (photos / "link.jpg").symlink_to(photos / "a.jpg")
+    out = tmp_path / "captions.jsonl"
+    monkeypatch.chdir(tmp_path / "first")
+    assert run(trained_checkpoint, "photos", "--out", str(out)) == 0
+    assert "captioned 2, skipped 0" in capsys.readouterr().out  # link.jpg is a.jpg
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(SystemExit, match="run the command from the folder its first run started in"):
+        run(trained_checkpoint, "../first/photos", "--out", str(out))
+    assert len(read_jsonl(out)) == 2
+
+
+def test_an_unreadable_folder_is_reported_and_counts_as_a_failure(tree, trained_checkpoint, tmp_path, monkeypatch,
+                                                                   capsys):
+    locked = tree["photos"] / "nested"
+    scandir = os.scandir
+
+    def refuse_locked(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse_locked)
+    assert run(trained_checkpoint, str(tree["photos"]), "--out", str(tmp_path / "c.jsonl"), "--strict") == 1
+    captured = capsys.readouterr()
+    assert f"failed: {locked}: cannot read the folder (Permission denied)" in captured.err
+    assert f"captioned {len(tree['good']) - 2}, skipped 0 (already captioned), failed 5" in captured.out
+
+
+def test_attention_maps_of_files_that_differ_only_in_extension_are_kept_apart(tmp_path):
+    assert attention_file(tmp_path, "x/photo.jpg") != attention_file(tmp_path, "x/photo.png")
+    assert attention_file(tmp_path, "../x/photo.jpg").name == "x__photo.jpg.png"
+
+
+def test_input_and_output_errors_name_the_file(tree, trained_checkpoint, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit, match="is a folder; name a results file"):
+        run(trained_checkpoint, str(tree["photos"] / "a.jpg"), "--out", str(tmp_path))
+    with pytest.raises(SystemExit, match="unknown device 'gpu'"):
+        run(trained_checkpoint, str(tree["photos"] / "a.jpg"), "--device", "gpu")
+    (tmp_path / "bom.txt").write_text("\ufeffa.jpg\n")  # a list saved by Notepad starts with a byte-order mark
+    (tmp_path / "a.jpg").write_bytes((tree["photos"] / "a.jpg").read_bytes())
+    assert list(expand_inputs([tmp_path / "bom.txt"])) == [str(tmp_path / "a.jpg")]
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    found = list(expand_inputs([tmp_path], recursive=False))
+    assert found == [str(tmp_path / "IMG_0001.HEIC"), str(tmp_path / "a.jpg")]
+    if "pillow-heif" in sources.HEIF_HINT:
+        with pytest.raises(sources.BadImageError, match="pip install pillow-heif"):
+            sources.open_image(tmp_path / "IMG_0001.HEIC")
+
+
+def test_a_pixel_limit_above_pillows_own_is_honoured(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    _bomb_png(tmp_path / "big.png", side=14_000)  # 196 million pixels: above twice Pillow's default limit
+    with pytest.raises(sources.BadImageError, match="decompression bomb"):
+        sources.open_image(tmp_path / "big.png")
+    with pytest.raises(sources.BadImageError, match="truncated or corrupt"):  # opened; its pixel data is missing
+        sources.open_image(tmp_path / "big.png", max_pixels=200_000_000)

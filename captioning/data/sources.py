@@ -19,6 +19,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools.coco import COCO
 
+try:  # HEIC/HEIF photos (phone cameras) open once the optional pillow-heif plugin is installed
+    from pillow_heif import register_heif_opener
+except ImportError:
+    HEIF_HINT = "; HEIC/HEIF photos need the pillow-heif plugin: pip install pillow-heif"
+else:
+    register_heif_opener()
+    HEIF_HINT = ""
+
 KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
 FLICKR8K_SPLIT_FILES = {
     "train": "Flickr_8k.trainImages.txt",
@@ -56,18 +64,20 @@ def open_image(path: str | Path, max_pixels: int = 89_478_485, min_size: int = 0
         raise FileNotFoundError(f"image file not found: {path}")
     if path.stat().st_size == 0:
         raise BadImageError(f"{path}: empty file")
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses twice its own limit outright; a caller's larger one wins
     with warnings.catch_warnings():
         # Pillow only warns between its limit and twice its limit; the explicit max_pixels check below replaces it.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(path)
         except Image.DecompressionBombError as e:
-            raise BadImageError(
-                f"{path}: decompression bomb: {e} (Pillow's hard limit is 2 * PIL.Image.MAX_IMAGE_PIXELS; "
-                "raise it together with max_pixels only for trusted files)"
-            ) from e
+            raise BadImageError(f"{path}: decompression bomb: {e} (raise the pixel limit, such as caption.py's "
+                                "--max-pixels, only for trusted files)") from e
         except UnidentifiedImageError as e:
-            raise BadImageError(f"{path}: not an image (Pillow cannot identify the format or read its header)") from e
+            hint = HEIF_HINT if path.suffix.lower() in (".heic", ".heif") else ""
+            raise BadImageError(
+                f"{path}: not an image (Pillow cannot identify the format or read its header){hint}") from e
         except FileNotFoundError:
             raise
         except Exception as e:  # Pillow's plugins raise OSError, ValueError, SyntaxError... on damaged headers
@@ -77,7 +87,7 @@ def open_image(path: str | Path, max_pixels: int = 89_478_485, min_size: int = 0
             if width * height > max_pixels:
                 raise BadImageError(
                     f"{path}: decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels} "
-                    "(pass a larger max_pixels to open_image if the file is trusted)"
+                    "(raise the limit, such as caption.py's --max-pixels, only for trusted files)"
                 )
             if min_size:
                 img.draft(None, (min_size, min_size))  # only JPEG's loader acts on it
