@@ -11,6 +11,7 @@ import errno
 import glob
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -79,14 +80,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):
-            raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({e}). "
+        # torch's message around the reason suggests weights_only=False, which would run any code the file holds
+        match = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(e), re.DOTALL)
+        reason = match.group(1) if match else str(e)
+        if "Unsupported global" not in reason:
+            raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({reason}). "
                                   "Use the other checkpoint of the run (last.pt / best.pt) or retrain.") from None
         raise CheckpointError(f"{path} needs pickle to load arbitrary Python objects, which could run code; it was "
-                              f"not written by this toolkit. Re-save it as a plain state_dict. ({e})") from None
+                              f"not written by this toolkit. Re-save it as a plain state_dict. ({reason})") from None
     except Exception as e:  # torch raises many types on damaged files: RuntimeError, EOFError, KeyError, ...
         raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({type(e).__name__}: {e}). "
                               "Use the other checkpoint of the run (last.pt / best.pt) or retrain.") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path} is not a captioning checkpoint (no 'model' entry)")
+    if not isinstance(state, dict) or not {"model", "config", "vocab"} <= state.keys():
+        raise CheckpointError(f"{path} is not a captioning checkpoint written by scripts/train.py (it needs 'model', "
+                              "'config' and 'vocab' entries)")
     return state

@@ -20,6 +20,8 @@ import contextvars
 import datetime
 import functools
 import html
+import itertools
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +42,8 @@ EXAMPLES = sorted((Path(__file__).resolve().parent / "examples").glob("*.png"))
 NO_MODEL = ("No captioning model is loaded. Train the quick-start model with `bash scripts/quickstart.sh` "
             "(a few minutes on a CPU), or start the demo with `python demo/app.py --checkpoint PATH`.")
 MAX_FILE_SIZE = "10mb"
+UPLOAD_TYPES = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"]  # the browser's file picker
+SHOWN_SIDE = 640  # pixels: the longer side of the photo sent back to the page (shown 220 px high)
 TIMEOUT = 60.0  # seconds of work per caption
 CONCURRENCY, QUEUE_SIZE = 2, 64  # captions computed at once, requests waiting
 # Gradio keeps a record of every session (each browser page, each gradio_client user) in memory, closed ones too, until
@@ -61,6 +65,7 @@ CSS = """
 #caption .caption-empty { color: var(--body-text-color-subdued); font-size: 1.1rem; }
 #caption .caption-problem { color: var(--error-text-color); font-size: 1.1rem; font-weight: 600; }
 #attention .fixed-height { min-height: 0; max-height: none; }  /* as tall as its rows of heat maps */
+#attention .grid-container, #examples .grid-container { padding-top: 2.75rem; }  /* below the gallery's label */
 """
 EMPTY_CAPTION = '<div class="caption-empty">Upload a photo or pick an example: its caption appears here.</div>'
 
@@ -146,7 +151,8 @@ def problem_html(message: str) -> str:
 def describe_photo(captioner: ImageCaptioner | None, path: str | None, beam_size: int, max_len: int,
                    timeout: float | None = None
                    ) -> tuple[Image.Image | None, str, list[list], list[tuple[Image.Image, str]]]:
-    """An image file -> (the photo, caption HTML, n-best rows, per-word heat maps).
+    """An image file -> (the photo, at most SHOWN_SIDE pixels wide or high; caption HTML; n-best rows; per-word
+    heat maps).
 
     A file that is not a usable image gives a readable message in the caption area (and a warning toast), never
     a traceback; so do a page without a model and a caption that is still not done after `timeout` seconds (it is
@@ -154,14 +160,18 @@ def describe_photo(captioner: ImageCaptioner | None, path: str | None, beam_size
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     if captioner is None:
-        return None, problem_html(NO_MODEL), [], []
+        return None, problem_html(NO_MODEL.replace("`", "")), [], []
     if not path:
         return None, EMPTY_CAPTION, [], []
     try:
-        photo = open_image(path, min_size=captioner.preprocess.size)  # shown at 220 px high: no need for more
+        photo = open_image(path, min_size=captioner.preprocess.size)  # a JPEG decodes at reduced size
     except (BadImageError, OSError) as e:
-        message = (f"{Path(path).name} could not be read: {describe_failure(path, e)}. Please upload a JPEG, PNG, "
-                   "WebP or other common image file.")
+        if isinstance(e, FileNotFoundError):
+            message = (f"{Path(path).name} is no longer on the server: uploads left unused for a while are deleted. "
+                       "Please upload it again.")
+        else:
+            message = (f"{Path(path).name} could not be read: {describe_failure(path, e)}. Please upload a JPEG, "
+                       "PNG, WebP or other common image file.")
         gr.Warning(html.escape(message))
         return None, problem_html(message), [], []
     try:
@@ -174,6 +184,7 @@ def describe_photo(captioner: ImageCaptioner | None, path: str | None, beam_size
         return None, problem_html(message), [], []
     rows = [[rank, text, round(score, 3)] for rank, (text, score) in enumerate(caption.nbest, 1)]
     maps = word_overlays(photo, caption.words, caption.attention) if caption.attention is not None else []
+    photo.thumbnail((SHOWN_SIDE, SHOWN_SIDE), Image.Resampling.LANCZOS)  # a 9400x9400 PNG took 3.5 s to encode
     return photo, caption_html(caption.text, caption.score), rows, maps
 
 
@@ -198,7 +209,7 @@ def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None =
         current = gr.State(None)  # path of the image on show
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=300):
-                upload = gr.File(label="Upload a photo (up to 10 MB)", file_types=["image"], height=120,
+                upload = gr.File(label="Upload a photo (up to 10 MB)", file_types=UPLOAD_TYPES, height=120,
                                  elem_id="upload")
                 examples = gr.Gallery([str(p) for p in EXAMPLES], label="Or click an example", columns=4, rows=1,
                                       height=140, allow_preview=False, object_fit="contain", buttons=[],
@@ -222,24 +233,45 @@ def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None =
                                      elem_id="attention")
 
         outputs = [photo, caption, nbest, gallery]
+        # A page's requests can run side by side (CONCURRENCY), so a slow one (a large photo) may finish after the
+        # one that followed it: only the newest request of a session answers its page; earlier ones change nothing.
+        newest: dict[str, int] = {}  # session -> ticket of its newest request, until that request has answered
+        tickets = itertools.count()
 
         def describe(path: str | None, beam_size: float, length: float):
             try:
+                if path and Path(path) not in EXAMPLES:
+                    with contextlib.suppress(OSError):
+                        os.utime(path)  # in use: Gradio deletes cached files by age (delete_cache), not by last use
                 return describe_photo(captioner, path, int(beam_size), int(length), timeout)
             finally:
                 return_freed_memory()
 
-        async def run(path: str | None, beam_size: float, length: float):
-            return await on_model_thread(describe, path, beam_size, length)
+        async def run(path: str | None, beam_size: float, length: float, request: gr.Request):
+            ticket = newest[request.session_hash] = next(tickets)
+            result = await on_model_thread(describe, path, beam_size, length)
+            if newest.get(request.session_hash) != ticket:
+                return [gr.skip()] * len(outputs)
+            del newest[request.session_hash]
+            return result
+
+        def store_upload(path: str | None) -> str | None:
+            return path
+
+        def clear(request: gr.Request):
+            newest.pop(request.session_hash, None)  # a caption still running for the cleared photo stays unseen
+            return None, None, EMPTY_CAPTION, [], []
 
         def pick_example(evt: gr.SelectData) -> tuple[str, None]:
             return str(EXAMPLES[evt.index]), None
 
-        upload.upload(lambda f: f, upload, current).then(run, [current, beam, max_len], outputs)
-        upload.clear(lambda: (None, None, EMPTY_CAPTION, [], []), None, [current, *outputs])
-        examples.select(pick_example, None, [current, upload]).then(run, [current, beam, max_len], outputs)
-        for slider in (beam, max_len):
-            slider.release(run, [current, beam, max_len], outputs)
+        inputs, private = [current, beam, max_len], {"api_visibility": "private"}
+        upload.upload(store_upload, upload, current, api_name="upload").then(run, inputs, outputs, api_name="caption")
+        upload.clear(clear, None, [current, *outputs], **private)
+        examples.select(pick_example, None, [current, upload], **private).then(run, inputs, outputs, **private)
+        # change: dragging, arrow keys, typing a number, the reset button; always_last: while one caption runs, only
+        # the slider's latest value waits
+        gr.on([beam.change, max_len.change], run, inputs, outputs, trigger_mode="always_last", **private)
     return app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
 
 
@@ -267,7 +299,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves every network interface")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="create a temporary public link through gradio.live")
-    p.add_argument("--timeout", type=float, default=TIMEOUT,
+    p.add_argument("--timeout", type=seconds, default=TIMEOUT,
                    help="seconds of work one caption may take before it is stopped with a message on the page")
     p.add_argument("--forget-after", type=seconds, default=FORGET_AFTER,
                    help="seconds after which idle sessions and cached uploads and results are forgotten")
@@ -282,7 +314,11 @@ def main(args: argparse.Namespace) -> None:
         app = build_app(checkpoint, args.timeout, args.forget_after)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
-    serve(app, args.host, args.port, args.share)
+    try:
+        serve(app, args.host, args.port, args.share)
+    except OSError:  # Gradio: "Cannot find empty port", or an address this machine does not have
+        raise SystemExit(f"error: cannot serve on {args.host}:{args.port}, which is in use or not an address of "
+                         "this machine; pass another --port or --host") from None
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import sync_playwright
+from PIL import Image
+from playwright.sync_api import expect, sync_playwright
 
 from captioning import inference
 from captioning.data.sources import open_image
@@ -57,6 +59,15 @@ def test_handler_captions_a_photo_and_explains_bad_files(captioner, files):
     assert demo.describe_photo(captioner, None, 3, 20)[1] == demo.EMPTY_CAPTION
 
 
+def test_a_large_photo_is_sent_back_small_and_a_deleted_upload_is_explained(captioner, tmp_path):
+    Image.new("RGB", (2000, 1000), (200, 30, 30)).save(tmp_path / "wide.png")
+    photo, html, rows, maps = demo.describe_photo(captioner, str(tmp_path / "wide.png"), 2, 12)
+    assert photo.size == (demo.SHOWN_SIDE, demo.SHOWN_SIDE // 2) and "caption-text" in html
+    with pytest.warns(UserWarning, match="gone.png is no longer on the server"):  # deleted from Gradio's cache
+        photo, html, rows, maps = demo.describe_photo(captioner, str(tmp_path / "gone.png"), 2, 12)
+    assert photo is None and "Please upload it again" in html
+
+
 def test_a_caption_past_the_time_limit_is_stopped_with_a_message(captioner, files):
     with pytest.warns(UserWarning, match="took longer than 0 s"):
         photo, html, rows, maps = demo.describe_photo(captioner, str(files["photo"]), 3, 20, timeout=0)
@@ -94,7 +105,7 @@ def test_without_a_model_the_page_says_how_to_get_one(tmp_path):
     app = demo.build_app(None)
     texts = [getattr(block, "value", None) for block in app.blocks.values()]
     assert any(isinstance(t, str) and "bash scripts/quickstart.sh" in t and "--checkpoint" in t for t in texts)
-    assert "quickstart.sh" in demo.describe_photo(None, "any.png", 3, 20)[1]
+    assert "bash scripts/quickstart.sh" in demo.describe_photo(None, "any.png", 3, 20)[1]  # no markdown quotes
 
 
 def test_uploads_and_returned_images_leave_gradios_cache_once_old(tmp_path, captioner):
@@ -125,11 +136,45 @@ def test_only_sessions_idle_for_the_age_are_forgotten(captioner):
     assert demo.forget_idle_sessions(sessions, demo.FORGET_AFTER) == 0
 
 
+@pytest.mark.parametrize("flag", ["--forget-after", "--timeout"])
 @pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
-def test_forget_after_must_be_a_positive_number_of_seconds(value, capsys):
+def test_times_must_be_positive_numbers_of_seconds(flag, value, capsys):
     with pytest.raises(SystemExit):
-        demo.get_args_parser().parse_args(["--forget-after", value])
+        demo.get_args_parser().parse_args([flag, value])
     assert "not a positive number of seconds" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own event statistics, under pandas 3
+def test_only_the_newest_request_of_a_page_answers_it(captioner, monkeypatch):
+    """A slow caption that finishes after the page asked for another one changes nothing on the page."""
+    from gradio_client import Client, handle_file
+
+    slow_photo, fast_photo = demo.EXAMPLES[:2]
+    second_started, describe_photo = threading.Event(), demo.describe_photo
+
+    def slow_for_the_first(captioner, path, *args):
+        if Path(path).name == slow_photo.name:
+            assert second_started.wait(60)
+        else:
+            second_started.set()
+        return describe_photo(captioner, path, *args)
+
+    monkeypatch.setattr(demo, "describe_photo", slow_for_the_first)
+    app = demo.build_app(captioner)
+    port = browser_tools.free_port()
+    demo.serve(app, port=port, prevent_thread_lock=True)
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False, analytics_enabled=False)
+    try:
+        client.predict(handle_file(str(slow_photo)), api_name="/upload")
+        first = client.submit(3, 20, api_name="/caption")
+        time.sleep(1)  # the first caption is running (and waits for the second)
+        client.predict(handle_file(str(fast_photo)), api_name="/upload")
+        second = client.submit(3, 20, api_name="/caption")
+        assert "caption-text" in second.result(timeout=60)[1]
+        assert "caption-text" not in str(first.result(timeout=60)[1])  # answered last, and left the page alone
+    finally:
+        client.close()
+        app.close()
 
 
 @pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own event statistics, under pandas 3
@@ -142,7 +187,7 @@ def test_a_served_demo_forgets_a_session_once_idle(captioner):
     demo.serve(app, port=port, prevent_thread_lock=True)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False, analytics_enabled=False)
     try:
-        client.predict(handle_file(str(demo.EXAMPLES[0])), api_name="/lambda")  # the upload event
+        client.predict(handle_file(str(demo.EXAMPLES[0])), api_name="/upload")
         assert client.session_hash in app.state_holder
         deadline = time.monotonic() + 30
         while client.session_hash in app.state_holder and time.monotonic() < deadline:
@@ -169,6 +214,10 @@ def test_page_in_a_real_browser(trained_checkpoint, captioner, files):
             assert browser_tools.wait_for_caption(page) == expected_caption(captioner, files["photo"])
             assert page.locator("#nbest").get_by_text("log-prob").is_visible()
             assert page.locator("#attention img").count() > 0
+            table = page.locator("#nbest [role=grid]")
+            expect(table).to_have_attribute("aria-rowcount", "4")  # a header row and beam 3's captions
+            page.get_by_label("range slider for Beam size").press("ArrowRight")  # the keyboard re-captions too
+            expect(table).to_have_attribute("aria-rowcount", "5", timeout=30_000)
 
             page.goto(f"http://127.0.0.1:{port}/")  # a fresh page: its upload box is empty again
             page.locator("#upload input[type=file]").set_input_files(files["text"])
