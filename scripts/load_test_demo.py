@@ -86,8 +86,9 @@ def start_demo(checkpoint: str, forget_after: float, log_path: Path) -> tuple[su
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "demo" / "app.py"), "--checkpoint", checkpoint,
-                                 "--host", "127.0.0.1", "--port", str(port), "--forget-after", str(forget_after)],
+        proc = subprocess.Popen([sys.executable, str(REPO / "demo" / "app.py"),  # run in REPO: the path made absolute
+                                 "--checkpoint", str(Path(checkpoint).resolve()), "--host", "127.0.0.1",
+                                 "--port", str(port), "--forget-after", str(forget_after)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     return proc, f"http://127.0.0.1:{port}/"
 
