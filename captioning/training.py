@@ -139,7 +139,7 @@ def _input_loaders(cfg: Config, model: Captioner, preprocess: Preprocess, train_
         raise ValueError("data.feature_cache needs a frozen encoder (model.trainable_layers=0)")
     loaders = []
     for split, source in (("train", train_src), ("val", val_src)):
-        record = cache_record(cfg, preprocess, source)
+        record = cache_record(cfg, model.encoder, preprocess, source)
         folder = Path(cfg.data.feature_cache)
         # Global rank 0 extracts a missing cache while the others wait. A machine that still has none after that
         # (several machines without a shared filesystem) then extracts its own copy, on its first process.

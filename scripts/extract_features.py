@@ -9,6 +9,8 @@ The cache goes to the config's data.feature_cache folder; train.py then reads it
 import argparse
 import sys
 
+import torch
+
 from captioning.config import ConfigError, load_config
 from captioning.data.datasets import Preprocess, build_source
 from captioning.data.features import cache_record, extract_features
@@ -34,11 +36,12 @@ def main(args: argparse.Namespace) -> None:
     if not cfg.data.feature_cache:
         sys.exit("error: the config has no data.feature_cache folder; add --set data.feature_cache=DIR")
     m = cfg.model
+    torch.manual_seed(cfg.train.seed)  # a random encoder (encoder_weights null) as train.py's run draws it
     encoder = Encoder(m.encoder, m.encoder_weights, 0, m.grid_size).to(device)
     preprocess = Preprocess.for_encoder(encoder, cfg.data.image_size)
     for split in args.splits:
         source = build_source(cfg.data, split)
-        record = cache_record(cfg, preprocess, source)
+        record = cache_record(cfg, encoder, preprocess, source)
         path = extract_features(encoder, source, preprocess, cfg.data.feature_cache, split, record, device,
                                 args.batch_size, cfg.data.num_workers)
         mb = path.stat().st_size / 2**20

@@ -33,6 +33,7 @@ from PIL import Image
 from captioning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from captioning.config import ConfigError, load_config, save_config
 from captioning.data.datasets import ImageLoader, Preprocess, TrainDataset, build_source
+from captioning.data.features import FeatureLoader
 from captioning.data.sources import BadImageError, CaptionSource, Sample, open_image
 from captioning.models.captioner import load_model
 from captioning.training import train
@@ -371,6 +372,22 @@ def test_an_image_cut_inside_its_header_is_reported_by_name(tmp_path, make_jpeg,
     caplog.set_level(logging.WARNING, logger="captioning")
     assert dataset[0] is None
     assert str(path) in caplog.text
+
+
+def test_a_feature_cache_leaves_out_the_images_it_could_not_read(tmp_path, make_coco, caplog):
+    cache = tmp_path / "features"
+    root, cfg = _coco_config(tmp_path, make_coco, "run", **{"train.batch_size": 2, "data.feature_cache": str(cache)})
+    bad = sorted((root / "train2017").glob("*.jpg"))[1]
+    bad.write_bytes(b"not a JPEG")
+    caplog.set_level(logging.WARNING, logger="captioning")
+    train(cfg)
+    assert json.loads((cache / "train.json").read_text())["unreadable"] == [1]
+    caplog.clear()
+    loader = FeatureLoader(cache, "train", {k: v for k, v in json.loads((cache / "train.json").read_text()).items()
+                                            if k != "unreadable"})
+    dataset = TrainDataset(loader, [[[1, 2]]] * 6)
+    assert dataset[1] is None and dataset[0] is not None  # trained on as "no image", never as zeros
+    assert "could not be read when the feature cache was made" in caplog.text
 
 
 def test_an_unreadable_batch_still_counts_as_a_step(tmp_path, make_coco):

@@ -297,11 +297,12 @@ def feature_cache(tmp_path_factory) -> Path:
     """A feature cache of the _CACHED settings, made the way train() makes it."""
     folder = tmp_path_factory.mktemp("cache") / "features"
     cfg = _small(folder.parent / "unused", **_CACHED, **{"data.feature_cache": str(folder)})
+    torch.manual_seed(cfg.train.seed)  # the random encoder of a run with this seed
     model = Captioner(cfg.model, Vocabulary.build([]))
     preprocess = Preprocess.for_encoder(model.encoder, cfg.data.image_size)
     for split in ("train", "val"):
         source = build_source(cfg.data, split)
-        record = cache_record(cfg, preprocess, source)
+        record = cache_record(cfg, model.encoder, preprocess, source)
         extract_features(model.encoder, source, preprocess, folder, split, record, torch.device("cpu"), 8, 0)
     return folder
 
@@ -309,7 +310,8 @@ def feature_cache(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("change, named", [({"data.image_size": 64}, "image_size"),
                                            ({"model.encoder": "mobilenet_v2"}, "encoder"),
                                            ({"data.feature_dtype": "float16"}, "dtype"),
-                                           ({"data.num_train": 16}, "num_images")])
+                                           ({"data.num_train": 16}, "num_images"),
+                                           ({"train.seed": 1}, "weights_digest")])  # another random encoder
 def test_feature_cache_made_with_other_settings_is_refused(tmp_path, feature_cache, change, named):
     cfg = _small(tmp_path / "run", **{**_CACHED, "data.feature_cache": str(feature_cache), **change})
     with pytest.raises(ValueError, match=f"was made with other settings.*'{named}'") as info:

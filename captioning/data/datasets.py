@@ -140,7 +140,7 @@ class EvalDataset(Dataset):
         try:
             return self.load(i, None), i
         except (BadImageError, OSError) as e:
-            log.warning("skipping evaluation image %d: %s", i, e)
+            log.warning("skipping image %d: %s", i, e)
             return None
 
 

@@ -1,13 +1,15 @@
 """Encoder feature cache: run a frozen encoder over a split once, then train the decoder from disk.
 
 One split is two files: `<split>.npy`, a (num_images, N, C) array memory-mapped on read, and `<split>.json`, the
-encoder, weights and preprocessing that produced it. A cache whose record does not match the run is refused, so a
-decoder never trains on features from another backbone or resolution. Both files are written to temporary names
+encoder, a digest of its weights and the preprocessing that produced it, and which images could not be read. A cache
+whose record does not match the run is refused, so a decoder never trains on features from another backbone, other
+weights (a random encoder of another seed) or another resolution. Both files are written to temporary names
 and renamed into place, so an interrupted extraction never leaves a cache that looks complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,16 +20,26 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioning.config import Config
+from captioning.config import Config, ConfigError
 from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, collate_eval
-from captioning.data.sources import CaptionSource
+from captioning.data.sources import BadImageError, CaptionSource
 from captioning.models.encoder import Encoder
 
 
-def cache_record(cfg: Config, preprocess: Preprocess, source: CaptionSource) -> dict[str, Any]:
+def weights_digest(encoder: Encoder) -> str:
+    """A digest of the encoder's weights and buffers: equal digests, equal features."""
+    digest = hashlib.sha256()
+    for name, tensor in encoder.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def cache_record(cfg: Config, encoder: Encoder, preprocess: Preprocess, source: CaptionSource) -> dict[str, Any]:
     """What makes features valid: backbone, weights, grid, preprocessing, and which images in which order."""
     ids = [str(s.image_id) for s in source.samples]
-    return {"encoder": cfg.model.encoder, "weights": cfg.model.encoder_weights, "grid_size": cfg.model.grid_size,
+    return {"encoder": cfg.model.encoder, "weights": cfg.model.encoder_weights,
+            "weights_digest": weights_digest(encoder), "grid_size": cfg.model.grid_size,
             "image_size": preprocess.size, "mean": list(preprocess.mean), "std": list(preprocess.std),
             "jpeg_draft": True,  # JPEGs decoded at the smallest scale covering image_size (open_image's min_size)
             "dtype": cfg.data.feature_dtype, "num_images": len(ids), "first_ids": ids[:3], "last_ids": ids[-3:]}
@@ -37,8 +49,8 @@ def cache_record(cfg: Config, preprocess: Preprocess, source: CaptionSource) -> 
 def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess: Preprocess, folder: str | Path,
                      split: str, record: dict[str, Any], device: torch.device, batch_size: int | None = None,
                      num_workers: int = 2) -> Path:
-    """Encode every image of the split into folder/<split>.npy (+ .json). Unreadable images get zero features
-    (and a warning from the loader) so that row i always belongs to image i.
+    """Encode every image of the split into folder/<split>.npy (+ .json). Row i always belongs to image i; an
+    unreadable image (the loader warns) gets zeros, and its index is listed in the record so that training skips it.
 
     batch_size None: 64 images per forward on a GPU, 8 on a CPU, where larger batches push the activations out of
     the caches (MobileNetV2 at 320 px on 2 cores: 25 ms per image at 8, 43 ms at 32, loading included)."""
@@ -53,7 +65,7 @@ def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess:
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
     dtype = np.dtype(record["dtype"])
     tmp = folder / f".{split}.npy.tmp"
-    array = None
+    array, read = None, np.zeros(len(dataset), dtype=bool)
     for batch in tqdm(loader, desc=f"features {split}", dynamic_ncols=True):
         if not batch:
             continue
@@ -62,12 +74,13 @@ def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess:
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(dataset), *grid.shape[1:]))
             array[:] = 0
         array[batch["index"].numpy()] = grid.float().cpu().numpy().astype(dtype)
+        read[batch["index"].numpy()] = True
     if array is None:
         raise RuntimeError(f"no image of the {split} split could be read; nothing to cache")
     array.flush()
     del array
     meta_tmp = folder / f".{split}.json.tmp"
-    meta_tmp.write_text(json.dumps(record, indent=1))
+    meta_tmp.write_text(json.dumps({**record, "unreadable": np.flatnonzero(~read).tolist()}, indent=1))
     os.replace(tmp, folder / f"{split}.npy")
     os.replace(meta_tmp, folder / f"{split}.json")  # the record last: it marks the cache complete
     return folder / f"{split}.npy"
@@ -83,14 +96,18 @@ class FeatureLoader:
             raise FileNotFoundError(f"no feature cache for split '{split}' in {folder}; make it with "
                                     f"scripts/extract_features.py (train.py does this when data.feature_cache is set)")
         stored = json.loads(meta_path.read_text())
+        self.unreadable = set(stored.pop("unreadable", []))  # images the extraction could not read
         if stored != record:
             diff = {k: (stored.get(k), v) for k, v in record.items() if stored.get(k) != v}
-            raise ValueError(f"feature cache {array_path} was made with other settings (cached, wanted): {diff}; "
-                             "delete the folder or point data.feature_cache elsewhere to re-extract")
-        self.array = np.load(array_path, mmap_mode="r")
+            raise ConfigError(f"feature cache {array_path} was made with other settings (cached, wanted): {diff}; "
+                              "delete the folder or point data.feature_cache elsewhere to re-extract")
+        self.array, self.meta_path = np.load(array_path, mmap_mode="r"), meta_path
 
     def __len__(self) -> int:
         return len(self.array)
 
     def __call__(self, index: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        if index in self.unreadable:
+            raise BadImageError(f"image {index} could not be read when the feature cache was made ({self.meta_path}); "
+                                "replace the file and delete the cache to include it")
         return torch.from_numpy(np.array(self.array[index]))  # (N, C), copied out of the memory map
