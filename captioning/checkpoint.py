@@ -91,7 +91,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # torch raises many types on damaged files: RuntimeError, EOFError, KeyError, ...
         raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({type(e).__name__}: {e}). "
                               "Use the other checkpoint of the run (last.pt / best.pt) or retrain.") from None
-    if not isinstance(state, dict) or not {"model", "config", "vocab"} <= state.keys():
-        raise CheckpointError(f"{path} is not a captioning checkpoint written by scripts/train.py (it needs 'model', "
-                              "'config' and 'vocab' entries)")
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a captioning checkpoint (no 'model' entry)")
     return state

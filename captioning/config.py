@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -199,16 +200,41 @@ _CHOICES = {
     "model.decoder": ("attention", "show_tell"),
     "model.cell": ("lstm", "gru", "rnn"),
     "train.lr_schedule": ("constant", "cosine", "step", "plateau"),
+    # the metrics every epoch's validation computes (METEOR, which needs Java and minutes, only in evaluate.py)
+    "train.select_metric": ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"),
 }
+_AT_LEAST = {  # numbers with a lower bound (inclusive)
+    "data.min_word_count": 1, "data.max_caption_len": 1, "data.num_workers": 0, "data.num_train": 1,
+    "data.num_val": 1, "data.num_test": 1, "data.synthetic_size": 16, "data.image_size": 0,
+    "model.trainable_layers": 0, "model.grid_size": 0, "model.num_layers": 1, "model.embed_dim": 1,
+    "model.hidden_dim": 1, "model.attention_dim": 1, "model.dropout": 0.0,
+    "train.epochs": 0, "train.batch_size": 1, "train.weight_decay": 0.0, "train.grad_clip": 0.0,
+    "train.lr_step_epochs": 1, "train.warmup_steps": 0, "train.label_smoothing": 0.0, "train.attention_penalty": 0.0,
+    "train.scheduled_sampling": 0.0, "train.scst_epochs": 0, "train.val_beam_size": 1, "train.max_decode_len": 1,
+    "train.early_stop_patience": 0, "train.save_every_steps": 0, "train.log_every": 1,
+}
+_BELOW = {"model.dropout": 1.0, "train.label_smoothing": 1.0}  # exclusive upper bounds
+_AT_MOST = {"train.scheduled_sampling": 1.0}
+_POSITIVE = ("train.lr", "train.encoder_lr", "train.scst_lr", "train.lr_gamma")
 
 
 def validate(cfg: Config) -> Config:
     """Check values that have a fixed set of choices; returns cfg for chaining."""
     d = cfg.to_dict()
+    value = {f"{section}.{name}": v for section, values in d.items() for name, v in values.items()}
     for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        if d[section][name] not in choices:
-            raise ConfigError(f"config key '{key}' is {d[section][name]!r}; choose one of {', '.join(choices)}")
+        if value[key] not in choices:
+            raise ConfigError(f"config key '{key}' is {value[key]!r}; choose one of {', '.join(choices)}")
+    for key in _POSITIVE:
+        if not 0 < value[key] < math.inf:
+            raise ConfigError(f"config key '{key}' is {value[key]}; it must be a positive number")
+    for key, low in _AT_LEAST.items():
+        high, below = _AT_MOST.get(key, _BELOW.get(key, math.inf)), key in _BELOW
+        if not (low <= value[key] and (value[key] < high if below else value[key] <= high)):
+            bound = f" and {'below' if below else 'at most'} {high}" if high < math.inf else ""
+            raise ConfigError(f"config key '{key}' is {value[key]}; it must be at least {low}{bound}")
+    if cfg.train.epochs + cfg.train.scst_epochs < 1:
+        raise ConfigError("config keys 'train.epochs' + 'train.scst_epochs' must add up to at least 1 epoch")
     if cfg.train.scst_epochs and cfg.train.scst_samples < 2:
         raise ConfigError("config key 'train.scst_samples' must be at least 2: each sample's baseline is the mean "
                           "reward of the image's other samples")

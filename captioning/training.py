@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from captioning.checkpoint import CheckpointError, load_checkpoint, remove_stale_temps, save_checkpoint
-from captioning.config import Config, save_config
+from captioning.config import Config, ConfigError, save_config
 from captioning.data.datasets import (
     EpochSampler,
     EvalDataset,
@@ -169,6 +169,46 @@ def _save_average(model: Captioner, average: dict[str, Any], cfg: Config, vocab:
               f"{scores['CIDEr']:.3f}; checkpoint {path}", flush=True)
 
 
+# What a resumed run cannot change: the optimizer's and schedule's state, the batches and the model's shape all
+# continue from the checkpoint, so a new value would be recorded but not applied (or the weights would not load).
+FIXED_ON_RESUME = (
+    "data.dataset", "data.captions_per_image", "data.max_caption_len", "data.min_word_count", "data.image_size",
+    "model.encoder", "model.trainable_layers", "model.grid_size", "model.decoder", "model.cell", "model.num_layers",
+    "model.embed_dim", "model.hidden_dim", "model.attention_dim",
+    "train.batch_size", "train.lr", "train.encoder_lr", "train.weight_decay", "train.lr_schedule",
+    "train.lr_step_epochs", "train.lr_gamma", "train.warmup_steps", "train.seed",
+)
+
+
+def _check_resumable(cfg: Config, state: dict[str, Any], resume: str | Path, out_dir: Path) -> None:
+    if "progress" not in state:
+        raise CheckpointError(f"{resume} holds a model's weights only, not a run's progress; resume from the run's "
+                              "last.pt")
+    old = Config.from_dict(state["config"]).to_dict()
+    new = cfg.to_dict()
+    changed = [f"{key} {old[s][k]} -> {new[s][k]}" for key in FIXED_ON_RESUME
+               for s, k in [key.split(".")] if old[s][k] != new[s][k]]
+    if changed:
+        raise ConfigError(f"{resume}: {', '.join(changed)}: a resumed run continues its optimizer, schedule and "
+                          "batches, so these keys cannot change; resume without them, or start a new run")
+    if out_dir.resolve() != Path(resume).resolve().parent and (out_dir / "last.pt").exists():
+        raise FileExistsError(f"{out_dir} holds another run (last.pt); resume into the checkpoint's own folder, "
+                              "or choose an empty one with --set train.out_dir=...")
+    if Path(resume).name != "last.pt" and is_main():
+        log.warning("resuming from %s (epoch %d): the run goes on from there, and its later epochs, last.pt and "
+                    "metrics.jsonl lines are written again", resume, state["progress"]["epoch"] + 1)
+
+
+def _keep_metrics_before(path: Path, epoch: int) -> None:
+    """Drop the metrics.jsonl lines of `epoch` and later: a resumed run writes them again (it was stopped before
+    its last.pt recorded them, or it resumes from an earlier checkpoint such as best.pt)."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < epoch]
+        if len(kept) != len(lines):
+            path.write_text("".join(kept))
+
+
 def train(cfg: Config, resume: str | Path | None = None) -> Path:
     """Train as `cfg` says; with `resume` (a checkpoint path) continue that run exactly. Returns the run folder."""
     device = resolve_device(cfg.train.device)
@@ -177,16 +217,19 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     rank, world = init_distributed(device)
     out_dir = Path(cfg.train.out_dir)
     state = load_checkpoint(resume) if resume else None
-    if state is not None and "progress" not in state:
-        raise CheckpointError(f"{resume} holds a model's weights only, not a run's progress; resume from the run's "
-                              "last.pt")
-    if state is None and (out_dir / "last.pt").exists():
+    if state is not None:
+        _check_resumable(cfg, state, resume, out_dir)
+    elif (out_dir / "last.pt").exists():
         raise FileExistsError(f"{out_dir} already holds a run (last.pt); continue it with --resume, "
                               "or choose another folder with --set train.out_dir=...")
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
 
     train_src, val_src = build_source(cfg.data, "train"), build_source(cfg.data, "val")
+    for split, source in (("train", train_src), ("val", val_src)):
+        if not len(source):
+            raise ValueError(f"the {split} split of data.dataset '{cfg.data.dataset}' has no images with captions; "
+                             "check data.root and its annotation files (scripts/check_data.py lists what it finds)")
     if state is not None:
         vocab = Vocabulary.from_dict(state["vocab"])
     else:  # rank 0 builds it; every rank uses the same one
@@ -234,6 +277,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
 
     if is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
+        _keep_metrics_before(out_dir / "metrics.jsonl", progress.epoch)
         save_config(cfg, out_dir / "config.yaml")
         vocab.save(out_dir / "vocab.json")
         for name in ("last.pt", "best.pt"):
@@ -277,7 +321,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                                          rewards=rewards)
             if stop.signal is not None:
                 log.warning("stopped by signal %d at epoch %d step %d; checkpoint %s (continue with --resume)",
-                            stop.signal, progress.epoch, progress.step_in_epoch, out_dir / "last.pt")
+                            stop.signal, progress.epoch + 1, progress.step_in_epoch, out_dir / "last.pt")
                 raise SystemExit(128 + stop.signal)
             predictions = predict(model, val_loader, device, cfg.train.val_beam_size, cfg.train.max_decode_len,
                                   amp=cfg.train.amp, should_stop=lambda: stop.signal is not None)
@@ -286,7 +330,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                 # trains no more of this epoch and validates it from the start.
                 checkpoint(out_dir / "last.pt")
                 log.warning("stopped by signal %d while validating epoch %d (%d of %d images decoded); checkpoint %s "
-                            "(continue with --resume)", stop.signal, progress.epoch, len(predictions), len(val_ds),
+                            "(continue with --resume)", stop.signal, progress.epoch + 1, len(predictions), len(val_ds),
                             out_dir / "last.pt")
                 raise SystemExit(128 + stop.signal)
             scores = score_captions({i: val_refs[i] for i in predictions}, predictions, meteor=False)
@@ -313,12 +357,14 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             progress.epoch = cfg.train.epochs if out_of_patience and not stop_run else progress.epoch + 1
             progress.step_in_epoch = 0
             progress.losses = []
-            checkpoint(out_dir / "last.pt")
+            # last.pt last: once it records the epoch as done, best.pt and the metrics line are on disk
             if improved:
                 checkpoint(out_dir / "best.pt")
             if is_main():
                 with open(out_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+            checkpoint(out_dir / "last.pt")
+            if is_main():
                 print(f"epoch {record['epoch'] + 1}/{total_epochs}  {loss_name} {train_loss:.3f}  "
                       f"val BLEU-4 {scores['Bleu_4']:.3f} CIDEr {scores['CIDEr']:.3f}  "
                       f"best {cfg.train.select_metric} {best['score']:.3f} (epoch {best['epoch'] + 1})  "

@@ -37,10 +37,13 @@ def main(args: argparse.Namespace) -> None:
         sys.exit("error: the config has no data.feature_cache folder; add --set data.feature_cache=DIR")
     m = cfg.model
     torch.manual_seed(cfg.train.seed)  # a random encoder (encoder_weights null) as train.py's run draws it
-    encoder = Encoder(m.encoder, m.encoder_weights, 0, m.grid_size).to(device)
+    try:
+        encoder = Encoder(m.encoder, m.encoder_weights, 0, m.grid_size).to(device)
+        sources = {split: build_source(cfg.data, split) for split in args.splits}
+    except (FileNotFoundError, ValueError) as e:  # ConfigError too
+        sys.exit(f"error: {e}")
     preprocess = Preprocess.for_encoder(encoder, cfg.data.image_size)
-    for split in args.splits:
-        source = build_source(cfg.data, split)
+    for split, source in sources.items():
         record = cache_record(cfg, encoder, preprocess, source)
         path = extract_features(encoder, source, preprocess, cfg.data.feature_cache, split, record, device,
                                 args.batch_size, cfg.data.num_workers)

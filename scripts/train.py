@@ -9,6 +9,7 @@
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from captioning.checkpoint import CheckpointError, load_checkpoint
 from captioning.config import ConfigError, load_config
@@ -28,15 +29,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.resume and args.config:
+        sys.exit("error: --resume continues with the config saved in the checkpoint; drop --config (--set still "
+                 "applies)")
     try:
-        base = load_checkpoint(args.resume)["config"] if args.resume else None
+        base = None
+        if args.resume:  # the run goes on in the checkpoint's folder, wherever the run folder has moved
+            base = load_checkpoint(args.resume)["config"]
+            base["train"]["out_dir"] = str(Path(args.resume).parent)
         cfg = load_config(None if args.resume else args.config, args.set, base)
     except (ConfigError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     try:
         train(cfg, resume=args.resume)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as e:
-        sys.exit(f"error: {e}")
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+        sys.exit(f"error: {e}")  # ValueError: data files in the wrong format, each named in its message
 
 
 if __name__ == "__main__":

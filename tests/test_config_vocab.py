@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,8 @@ def test_wrong_type_in_a_file(tmp_path):
 
 @pytest.mark.parametrize("key, value", [("model.cell", "transformer"), ("model.decoder", "topdown"),
                                         ("data.dataset", "imagenet"), ("train.lr_schedule", "linear"),
-                                        ("data.feature_dtype", "int8")])
+                                        ("data.feature_dtype", "int8"),
+                                        ("train.select_metric", "METEOR")])  # not computed per epoch
 def test_invalid_choice_lists_the_choices(key, value):
     with pytest.raises(ConfigError, match=f"config key '{key}' is '{value}'; choose one of"):
         load_config(None, [f"{key}={value}"])
@@ -105,6 +107,21 @@ def test_invalid_choice_lists_the_choices(key, value):
 def test_out_of_range_values_are_refused(override, key):
     with pytest.raises(ConfigError, match=f"'[a-z]+\\.{key}' must be at least"):
         load_config(None, [override, "train.scst_epochs=1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=0", "'train.batch_size' is 0; it must be at least 1"),
+    ("train.val_beam_size=0", "'train.val_beam_size' is 0; it must be at least 1"),
+    ("data.num_workers=-1", "'data.num_workers' is -1; it must be at least 0"),
+    ("model.dropout=1.5", "'model.dropout' is 1.5; it must be at least 0.0 and below 1.0"),
+    ("train.scheduled_sampling=nan", "'train.scheduled_sampling' is nan; it must be at least 0.0 and at most 1.0"),
+    ("train.lr=-0.001", "'train.lr' is -0.001; it must be a positive number"),
+    ("train.lr=.inf", "'train.lr' is inf; it must be a positive number"),
+    ("train.epochs=0", "must add up to at least 1 epoch"),
+])
+def test_numbers_out_of_their_range_are_refused_before_any_work(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
 
 
 def test_int_is_accepted_for_float_and_null_for_optional():

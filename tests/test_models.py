@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import urllib.error
+
 import pytest
 import torch
 import torchvision
 from torch import nn
 
-from captioning.config import ModelConfig, load_config
+from captioning.config import ConfigError, ModelConfig, load_config
 from captioning.decoding import beam_search
 from captioning.engine import caption_loss
 from captioning.models import Captioner, build_model
@@ -171,9 +173,20 @@ def test_trainable_layers_fine_tunes_only_the_last_stage():
     assert not torch.equal(before["4.1.conv2.weight"], after["4.1.conv2.weight"])  # layer4 did train
 
 
-def test_trainable_layers_beyond_the_stage_count_is_an_error():
-    with pytest.raises(ValueError, match="trainable_layers=6"):
+def test_encoder_settings_that_cannot_work_are_config_errors_naming_the_key(monkeypatch):
+    with pytest.raises(ConfigError, match="model.trainable_layers is 6, but resnet18 has 5 stages"):
         Encoder("resnet18", None, trainable_layers=6)
+    with pytest.raises(ConfigError, match="model.encoder 'resnet9000' is not a torchvision classification model"):
+        Encoder("resnet9000", None)
+    with pytest.raises(ConfigError, match="'IMAGENET1K_V9' is not a weights name of resnet18; use one of IMAGENET1K"):
+        Encoder("resnet18", "IMAGENET1K_V9")
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(ConfigError, match="without internet.*set model.encoder_weights to its path"):
+        Encoder("resnet18", "DEFAULT")
 
 
 # --------------------------------------------------------------------------------------------------------- decoders

@@ -161,7 +161,7 @@ def test_sigterm_during_validation_stops_it_and_resume_validates_that_epoch(tmp_
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, "validation ran to its end before stopping"
     output = log.read_text(errors="replace")
     assert "--resume" in output and "Traceback" not in output
-    decoded = re.search(r"while validating epoch 0 \((\d+) of 256 images decoded\)", output)
+    decoded = re.search(r"while validating epoch 1 \((\d+) of 256 images decoded\)", output)
     assert decoded and int(decoded[1]) < 256, output[-2000:]  # it stopped before the end of validation
     progress = load_checkpoint(last)["progress"]
     assert (progress["epoch"], progress["step_in_epoch"], progress["global_step"]) == (0, 6, 6)  # trained, unscored
@@ -177,6 +177,29 @@ def test_sigterm_during_validation_stops_it_and_resume_validates_that_epoch(tmp_
     del got["seconds"], want["seconds"]
     assert got == want  # the same epoch, steps, learning rate and validation scores as a run never stopped
     assert (tmp_path / "run" / "best.pt").exists()
+
+
+def test_resume_goes_on_in_the_moved_run_folder_rewrites_later_metrics_and_refuses_fixed_keys(tmp_path):
+    """A run stopped after writing an epoch's metrics line but before its last.pt said so (or resumed from an earlier
+    checkpoint) writes that line again in place of the old one; a resumed run follows its folder when it moves."""
+    cfg = tiny_config(tmp_path / "run", **{"train.epochs": 1})
+    train(cfg)
+    epoch1 = (tmp_path / "run" / "last.pt").read_bytes()
+    train(tiny_config(tmp_path / "run", **{"train.epochs": 2}), resume=tmp_path / "run" / "last.pt")
+    (tmp_path / "run").rename(tmp_path / "moved")
+    (tmp_path / "moved" / "last.pt").write_bytes(epoch1)  # metrics.jsonl holds epochs 1 and 2, last.pt only 1
+
+    def resume(*options: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--resume", str(tmp_path / "moved" / "last.pt"),
+                               *options], capture_output=True, text=True, env=CHILD_ENV, cwd=REPO, timeout=300)
+
+    refused = resume("--set", "train.epochs=2", "train.lr=1e-5")
+    assert refused.returncode == 1 and "train.lr 0.0004 -> 1e-05" in refused.stderr, refused.stderr[-2000:]
+    assert resume("--set", "train.epochs=2").returncode == 0
+    lines = [json.loads(line) for line in (tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1]
+    assert load_checkpoint(tmp_path / "moved" / "last.pt")["progress"]["epoch"] == 2
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------------ checkpoint files
@@ -388,6 +411,18 @@ def test_a_feature_cache_leaves_out_the_images_it_could_not_read(tmp_path, make_
     dataset = TrainDataset(loader, [[[1, 2]]] * 6)
     assert dataset[1] is None and dataset[0] is not None  # trained on as "no image", never as zeros
     assert "could not be read when the feature cache was made" in caplog.text
+
+
+def test_annotation_files_that_are_cut_short_or_empty_are_named(tmp_path, make_coco):
+    root, cfg = _coco_config(tmp_path, make_coco, "run")
+    annotations = root / "annotations" / "captions_train2017.json"
+    text = annotations.read_text()
+    annotations.write_text(text[: len(text) // 2])  # a download that stopped halfway
+    with pytest.raises(ValueError, match=f"{annotations}: not a COCO caption annotation file"):
+        train(cfg)
+    annotations.write_text('{"images": [], "annotations": []}')
+    with pytest.raises(ValueError, match="the train split of data.dataset 'coco' has no images with captions"):
+        train(cfg)
 
 
 def test_an_unreadable_batch_still_counts_as_a_step(tmp_path, make_coco):

@@ -169,8 +169,12 @@ def coco_source(root: str | Path, split: str, year: int = 2017, image_dir: str |
         f"Download http://images.cocodataset.org/zips/{split}{year}.zip and unzip it into {root}, "
         f"or pass image_dir=<the folder holding the {split}{year} JPEGs>.",
     )
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-        coco = COCO(str(ann_path))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+            coco = COCO(str(ann_path))
+    except (ValueError, AssertionError, KeyError, TypeError) as e:  # not JSON, or not COCO's layout
+        raise ValueError(f"{ann_path}: not a COCO caption annotation file ({type(e).__name__}: {e}); download "
+                         f"annotations_trainval{year}.zip again") from None
     samples = [
         Sample(
             image_id=img_id,
@@ -200,8 +204,11 @@ def karpathy_source(
         "image root",
         "Pass image_root=<the folder holding train2014/ and val2014/ for COCO, or the Flickr image folder>.",
     )
-    with open(json_path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{json_path}: not a Karpathy split file ({e}); download {KARPATHY_URL} again") from None
     if not isinstance(data, dict) or "images" not in data:
         raise ValueError(f"{json_path}: not a Karpathy split file (expected a JSON object with an 'images' list)")
     wanted = {split, "restval"} if split == "train" and use_restval else {split}

@@ -55,6 +55,10 @@ def build_model(cfg: Config, vocab: Vocabulary) -> Captioner:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Captioner, Config]:
     """Rebuild a trained model from its checkpoint alone (config, vocabulary and weights), in eval mode."""
     state = load_checkpoint(path)
+    missing = [key for key in ("config", "vocab") if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} holds weights without the {' and '.join(missing)} to rebuild the model; use a "
+                              "checkpoint written by scripts/train.py (RUN/best.pt)")
     try:
         cfg = Config.from_dict(state["config"])
     except ConfigError as e:

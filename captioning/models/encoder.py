@@ -9,6 +9,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from captioning.config import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _HEAD_PREFIXES = ("fc.", "classifier.", "head.", "heads.")
@@ -23,14 +25,17 @@ def resolve_weights(name: str, weights: str | None) -> torchvision.models.Weight
         if not path.is_file():
             raise FileNotFoundError(f"encoder weights file {path} not found (model.encoder_weights)")
         return path
-    if "." in weights:
-        return torchvision.models.get_weight(weights)
-    enum = torchvision.models.get_model_weights(name)
     try:
-        return enum[weights]
-    except KeyError:
-        choices = ", ".join(["DEFAULT", *enum.__members__])
-        raise ValueError(f"unknown weights '{weights}' for {name}; use one of {choices}, a path, or null") from None
+        if "." in weights:
+            return torchvision.models.get_weight(weights)
+        return torchvision.models.get_model_weights(name)[weights]
+    except (KeyError, ValueError):
+        try:
+            choices = ", ".join(torchvision.models.get_model_weights(name).__members__)
+        except ValueError:
+            choices = "its torchvision weights names"
+        raise ConfigError(f"model.encoder_weights '{weights}' is not a weights name of {name}; use one of {choices}, "
+                          "a path to a state_dict file, or null") from None
 
 
 def _trunk_and_stages(model: nn.Module, name: str) -> tuple[nn.Module, list[nn.Module]]:
@@ -44,8 +49,8 @@ def _trunk_and_stages(model: nn.Module, name: str) -> tuple[nn.Module, list[nn.M
     if hasattr(model, "trunk_output"):  # regnet
         stages = [model.stem, *model.trunk_output.children()]
         return nn.Sequential(*stages), stages
-    raise ValueError(f"encoder '{name}' has no convolutional trunk this encoder understands; use a ResNet, ResNeXt, "
-                     "Wide ResNet, RegNet, MobileNet, EfficientNet, ConvNeXt, VGG or DenseNet")
+    raise ConfigError(f"model.encoder '{name}' has no convolutional trunk this encoder understands; use a ResNet, "
+                      "ResNeXt, Wide ResNet, RegNet, MobileNet, EfficientNet, ConvNeXt, VGG or DenseNet")
 
 
 class Encoder(nn.Module):
@@ -58,13 +63,21 @@ class Encoder(nn.Module):
     def __init__(self, name: str = "resnet101", weights: str | None = None, trainable_layers: int = 0,
                  grid_size: int = 0):
         super().__init__()
+        if name not in torchvision.models.list_models(torchvision.models):
+            raise ConfigError(f"model.encoder '{name}' is not a torchvision classification model (such as resnet101, "
+                              "mobilenet_v2 or efficientnet_b3)")
         resolved = resolve_weights(name, weights)
-        model = torchvision.models.get_model(name, weights=None if isinstance(resolved, Path) else resolved)
+        try:
+            model = torchvision.models.get_model(name, weights=None if isinstance(resolved, Path) else resolved)
+        except OSError as e:  # the download of the weights failed (no network, no space, ...)
+            raise ConfigError(f"model.encoder_weights '{weights}': could not get {resolved.url} ({e}); on a machine "
+                              "without internet, download the file elsewhere and set model.encoder_weights to its "
+                              "path, or use null for random weights") from None
         if isinstance(resolved, Path):
             _load_trunk_state(model, resolved)
         self.trunk, stages = _trunk_and_stages(model, name)
         if not 0 <= trainable_layers <= len(stages):
-            raise ValueError(f"model.trainable_layers={trainable_layers}, but {name} has {len(stages)} stages")
+            raise ConfigError(f"model.trainable_layers is {trainable_layers}, but {name} has {len(stages)} stages")
         self.trainable = nn.ModuleList(stages[len(stages) - trainable_layers:] if trainable_layers else [])
         self.requires_grad_(False)
         self.trainable.requires_grad_(True)
@@ -116,9 +129,9 @@ def pool(grid: torch.Tensor) -> torch.Tensor:
 def _load_trunk_state(model: nn.Module, path: Path) -> None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state_dict (a dict of tensors)")
+        raise ConfigError(f"model.encoder_weights {path} does not hold a state_dict (a dict of tensors)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]  # the classifier head is not needed
     if missing or unexpected:
-        raise ValueError(f"{path} does not match torchvision's {type(model).__name__}: "
+        raise ConfigError(f"model.encoder_weights {path} does not match torchvision's {type(model).__name__}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
