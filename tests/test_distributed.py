@@ -136,7 +136,7 @@ def test_two_ranks_match_one_process_on_the_global_batch(runs):
 
 def test_only_rank_zero_writes(runs):
     assert not (runs["ddp"] / "saves_rank1.txt").exists()
-    assert (runs["ddp"] / "saves_rank0.txt").read_text().split() == ["last.pt", "best.pt"]
+    assert (runs["ddp"] / "saves_rank0.txt").read_text().split() == ["best.pt", "last.pt"]
     run = runs["ddp_run"]
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "vocab.json"]
     # The checkpoint holds the weights both ranks trained to (a rank-1 write would not change this, but would add lines
