@@ -44,6 +44,10 @@ def main(args: argparse.Namespace) -> dict:
     try:
         device = resolve_device(args.device)
         model, cfg = load_model(args.checkpoint, device)
+        ignored = [item for item in args.set if not item.startswith("data.")]
+        if ignored:
+            raise ConfigError(f"--set {' '.join(ignored)}: evaluation takes the model and decoding from the checkpoint "
+                              "and the options above; --set changes data.* keys only")
         cfg = load_config(None, args.set, base=cfg.to_dict())
         source = build_source(cfg.data, args.split)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:

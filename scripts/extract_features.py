@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from captioning.config import ConfigError, load_config
+from captioning.config import ConfigError, at_least, load_config
 from captioning.data.datasets import Preprocess, build_source
 from captioning.data.features import cache_record, extract_features
 from captioning.engine import resolve_device
@@ -23,7 +23,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
     p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val", "test"])
-    p.add_argument("--batch-size", type=int, help="images per encoder forward (default: 64 on a GPU, 8 on a CPU)")
+    p.add_argument("--batch-size", type=at_least(1),
+                   help="images per encoder forward (default: 64 on a GPU, 8 on a CPU)")
     return p
 
 

@@ -157,6 +157,14 @@ def test_evaluate_script_with_a_missing_checkpoint_exits_with_one_line(tmp_path)
     _assert_clean_error(result, str(missing), "not found")
 
 
+def test_evaluate_script_refuses_settings_it_would_not_use(synthetic_run, tmp_path):
+    run, _ = synthetic_run
+    for flags, message in [(["--set", "model.hidden_dim=8"], "--set changes data.* keys only"),
+                           (["--device", "gpu"], "unknown device 'gpu'")]:
+        result = _script("evaluate.py", "--checkpoint", run / "best.pt", "--no-meteor", *flags, cwd=tmp_path)
+        _assert_clean_error(result, message)
+
+
 def test_train_and_evaluate_on_a_coco_format_dataset(make_coco, tmp_path):
     root = make_coco(tmp_path, split="train", n_images=6)
     assert make_coco(tmp_path, split="val", n_images=4) == root

@@ -255,6 +255,9 @@ def test_open_image_16_bit(tmp_path):
     tiff = saved(Image.fromarray(values.astype(np.int32)), tmp_path / "deep.tiff")
     assert header(tiff)[0] == "I"
     assert np.asarray(open_image(tiff))[0, :, 1].tolist() == [0, 100, 255]
+    unit = saved(Image.fromarray(np.array([[0.0, 100 / 255, 1.0]], dtype=np.float32)), tmp_path / "float.tiff")
+    assert header(unit)[0] == "F"
+    assert np.asarray(open_image(unit))[0, :, 2].tolist() == [0, 100, 255]  # 0..1 scaled, not nearly black
 
 
 def test_open_image_exif_rotation_and_animation(tmp_path):

@@ -41,6 +41,7 @@ def cache_record(cfg: Config, encoder: Encoder, preprocess: Preprocess, source: 
     return {"encoder": cfg.model.encoder, "weights": cfg.model.encoder_weights,
             "weights_digest": weights_digest(encoder), "grid_size": cfg.model.grid_size,
             "image_size": preprocess.size, "mean": list(preprocess.mean), "std": list(preprocess.std),
+            "synthetic_size": cfg.data.synthetic_size if cfg.data.dataset == "synthetic" else None,
             "jpeg_draft": True,  # JPEGs decoded at the smallest scale covering image_size (open_image's min_size)
             "dtype": cfg.data.feature_dtype, "num_images": len(ids), "first_ids": ids[:3], "last_ids": ids[-3:]}
 

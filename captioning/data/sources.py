@@ -102,11 +102,14 @@ def open_image(path: str | Path, max_pixels: int = 89_478_485, min_size: int = 0
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert a loaded image of any Pillow mode to a new 8-bit RGB image."""
-    if img.mode.startswith("I;16") or img.mode == "I":
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         values = np.asarray(img, dtype=np.float64)  # (H, W)
         # Pillow's own I;16 -> L conversion clips at 255 instead of scaling. 16-bit files arrive as 'I;16' or as
-        # 32-bit 'I'; an 'I' image whose values all fit in 0..255 is already 8-bit data.
-        if img.mode != "I" or values.max(initial=0) > 255:
+        # 32-bit 'I'; an 'I' image whose values all fit in 0..255 is already 8-bit data. A floating-point ('F') image
+        # of values in 0..1 (scientific TIFFs) is scaled to 0..255.
+        if img.mode == "F" and values.max(initial=0) <= 1:
+            values = values * 255
+        elif img.mode != "F" and (img.mode != "I" or values.max(initial=0) > 255):
             values = values / 257  # 65535 -> 255, 257 * k -> k
         img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))  # mode L
     if img.has_transparency_data:
