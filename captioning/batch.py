@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from captioning.data.datasets import Preprocess
 from captioning.data.sources import BadImageError, open_image
+from captioning.engine import StopFlag
 from captioning.inference import Caption, ImageCaptioner
 from captioning.visualize import attention_figure
 
@@ -215,8 +216,9 @@ class ResultWriter(ABC):
         if relative and not any(os.path.exists(p) for p in relative):
             raise ValueError(
                 f"{self.path} holds {len(relative)} image paths relative to another folder (such as {relative[0]}), "
-                f"none of them found from {os.getcwd()}: run the command from the folder its first run started in, "
-                "or pass --overwrite to start it afresh")
+                f"none of them found from {os.getcwd()}: run the command from the folder its first run started in; "
+                "if those images were moved or deleted, pass --overwrite to start afresh, or write to another file "
+                "with --out")
 
     @abstractmethod
     def write(self, path: str, caption: Caption) -> None:
@@ -370,18 +372,35 @@ class Summary:
                 f"{self.seconds:.1f} s, {rate:.1f} images/s")
 
 
+class Stopped(Exception):
+    """A signal stopped caption_files; what it had captioned is written."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
 def attention_file(folder: Path, path: str) -> Path:
-    """Where the attention figure of image `path` goes: its path's parts joined by '__', extension included (so
-    photo.jpg and photo.png get one each), then .png."""
-    path = Path(path)
-    return folder / ("__".join(p for p in path.parts if p not in (path.anchor, "..", ".")) + ".png")
+    """Where the attention figure of image `path` goes: under `folder` at the image's path from the current folder,
+    extension kept and .png added (so photo.jpg and photo.png get one each); an image outside the current folder
+    goes under folder/@root at its absolute path (and a first folder named @... gains an @, so no path is taken
+    twice). One file per image, the same in a resumed run."""
+    path = Path(os.path.abspath(path))
+    cwd = Path.cwd()
+    if path.is_relative_to(cwd):
+        parts = path.relative_to(cwd).parts
+        parts = ("@" + parts[0], *parts[1:]) if parts[0].startswith("@") else parts
+    else:
+        parts = ("@root", *path.parts[1:])
+    return folder.joinpath(*parts).with_name(path.name + ".png")
 
 
 def caption_files(captioner: ImageCaptioner, paths: Iterable[str], writer: ResultWriter, beam_size: int = 3,
                   max_len: int = 20, n_best: int = 1, batch_size: int = 16, num_workers: int = 2,
                   max_pixels: int = DEFAULT_MAX_PIXELS, attention_dir: str | Path | None = None,
                   progress: bool = True) -> Summary:
-    """Caption every path not yet in `writer` (duplicates once), writing and flushing after each batch.
+    """Caption every path not yet in `writer` (duplicates once), writing and flushing after each batch. SIGTERM or
+    Ctrl-C stops the run once the batch at hand is written, with Stopped.
 
     With `attention_dir` (attention models only) each image's per-word heat maps are saved there as one PNG.
     """
@@ -402,7 +421,8 @@ def caption_files(captioner: ImageCaptioner, paths: Iterable[str], writer: Resul
         attention_dir.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(ImageFiles(todo, captioner.preprocess, max_pixels), batch_size, collate_fn=collate_files,
                         num_workers=num_workers, pin_memory=captioner.device.type == "cuda")
-    with tqdm(total=len(todo), unit="img", desc="captioning", disable=not progress, dynamic_ncols=True) as bar:
+    with StopFlag() as stop, tqdm(total=len(todo), unit="img", desc="captioning", disable=not progress,
+                                  dynamic_ncols=True) as bar:
         for batch in loader:
             for i, reason in batch.failures:
                 tqdm.write(f"failed: {todo[i]}: {reason}", file=sys.stderr)
@@ -411,11 +431,15 @@ def caption_files(captioner: ImageCaptioner, paths: Iterable[str], writer: Resul
                 for i, caption in zip(batch.indices, captions):
                     if attention_dir is not None and caption.attention is not None:  # before the record that says done
                         figure = attention_figure(open_image(todo[i], max_pixels), caption.words, caption.attention)
-                        figure.save(attention_file(attention_dir, todo[i]))
+                        figure_path = attention_file(attention_dir, todo[i])
+                        figure_path.parent.mkdir(parents=True, exist_ok=True)
+                        figure.save(figure_path)
                     writer.write(todo[i], caption)
             writer.flush()
             summary.done += len(batch.indices)
             summary.failed += len(batch.failures)
             bar.update(len(batch.indices) + len(batch.failures))
+            if stop.signal is not None:
+                raise Stopped(stop.signal)
     summary.seconds = time.perf_counter() - start
     return summary

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,11 +37,43 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ConfigError(f"device {name!r}, but PyTorch sees {torch.cuda.device_count()} CUDA GPUs here: use auto or "
                           "cpu (a CPU-only PyTorch build sees none)")
+    if device.type not in ("cpu", "cuda"):
+        try:  # mps, xpu, ...: each backend says it is missing in its own way
+            torch.empty(0, device=device)
+        except Exception as e:
+            reason = str(e).splitlines()[0]
+            raise ConfigError(f"device {name!r} is not usable here ({reason}): use auto or cpu") from None
     if device.type == "cuda":
         if device.index is None:  # "cuda": the current device, named by its index as set_device needs
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
+
+
+class StopFlag:
+    """While in effect, SIGTERM and Ctrl-C set `signal` for a loop to stop at its next safe point, instead of raising
+    KeyboardInterrupt wherever the program is (or in a finaliser, which would swallow it); a second one stops at once.
+    DataLoader workers forked meanwhile inherit the handler, so they print no traceback of their own. Off the main
+    thread, where Python allows no handler, it does nothing."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _glibc() -> ctypes.CDLL | None:

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import random
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from captioning.data.datasets import (
 from captioning.data.features import FeatureLoader, cache_record, extract_features
 from captioning.data.sources import CaptionSource
 from captioning.distributed import barrier, broadcast_object, cleanup, init_distributed, is_main, local_rank
-from captioning.engine import StepState, keep_freed_memory, predict, resolve_device, train_one_epoch
+from captioning.engine import StepState, StopFlag, keep_freed_memory, predict, resolve_device, train_one_epoch
 from captioning.metrics import score_captions
 from captioning.models import Captioner
 from captioning.models.decoder import load_word_vectors
@@ -108,28 +107,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _StopFlag:
-    """SIGTERM / Ctrl-C ask the loop to write a checkpoint and stop, instead of dying mid-step."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _input_loaders(cfg: Config, model: Captioner, preprocess: Preprocess, train_src: CaptionSource,
                    val_src: CaptionSource, device: torch.device) -> tuple[InputLoader, InputLoader]:
     """Images through the encoder in the loop, or features from the cache (extracted first if missing)."""
@@ -191,6 +168,11 @@ def _check_resumable(cfg: Config, state: dict[str, Any], resume: str | Path, out
     if changed:
         raise ConfigError(f"{resume}: {', '.join(changed)}: a resumed run continues its optimizer, schedule and "
                           "batches, so these keys cannot change; resume without them, or start a new run")
+    done, t = state["progress"]["epoch"], cfg.train
+    if done >= t.epochs + t.scst_epochs:
+        raise ConfigError(f"{resume} has trained all {done} epochs of its run (train.epochs {t.epochs} + "
+                          f"train.scst_epochs {t.scst_epochs}); to train on, raise them, e.g. --set "
+                          f"train.epochs={t.epochs + 5}")
     if out_dir.resolve() != Path(resume).resolve().parent and (out_dir / "last.pt").exists():
         raise FileExistsError(f"{out_dir} holds another run (last.pt); resume into the checkpoint's own folder, "
                               "or choose an empty one with --set train.out_dir=...")
@@ -293,7 +275,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                              "scaler": scaler.state_dict(), "progress": vars(progress), "best": best,
                              "average": average, "rng": _rng_state()}, path)
 
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         def on_step() -> bool:
             every = cfg.train.save_every_steps
             if stop.signal is not None or (every and progress.global_step % every == 0):

@@ -68,6 +68,8 @@ CSS = """
 #attention .grid-container, #examples .grid-container { padding-top: 2.75rem; }  /* below the gallery's label */
 """
 EMPTY_CAPTION = '<div class="caption-empty">Upload a photo or pick an example: its caption appears here.</div>'
+FORGOTTEN = ("The server no longer holds this page's photo: pages left idle for a while are forgotten. Please upload "
+             "it again or click an example.")
 
 # glibc gives each thread that allocates its own heap ("arena") and keeps what is freed there for reuse. Requests run
 # on a pool of worker threads, so bursts of up to 32 users (scripts/load_test_demo.py) left the server 147 MiB above
@@ -212,7 +214,7 @@ def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None =
                 upload = gr.File(label="Upload a photo (up to 10 MB)", file_types=UPLOAD_TYPES, height=120,
                                  elem_id="upload")
                 examples = gr.Gallery([str(p) for p in EXAMPLES], label="Or click an example", columns=4, rows=1,
-                                      height=140, allow_preview=False, object_fit="contain", buttons=[],
+                                      height=184, allow_preview=False, object_fit="contain", buttons=[],
                                       elem_id="examples")
                 with gr.Accordion("Decoding settings", open=True):
                     beam = gr.Slider(1, 10, value=3, step=1, label="Beam size",
@@ -255,6 +257,14 @@ def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None =
             del newest[request.session_hash]
             return result
 
+        async def rerun(path: str | None, beam_size: float, length: float, shown: str, request: gr.Request):
+            """run, for a slider moved on a page that shows a caption: if its session was forgotten (and the photo
+            with it), say so rather than empty the page."""
+            if path is None and captioner is not None and shown != EMPTY_CAPTION:
+                gr.Warning(html.escape(FORGOTTEN))
+                return None, problem_html(FORGOTTEN), [], []
+            return await run(path, beam_size, length, request)
+
         def store_upload(path: str | None) -> str | None:
             return path
 
@@ -271,7 +281,8 @@ def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None =
         examples.select(pick_example, None, [current, upload], **private).then(run, inputs, outputs, **private)
         # change: dragging, arrow keys, typing a number, the reset button; always_last: while one caption runs, only
         # the slider's latest value waits
-        gr.on([beam.change, max_len.change], run, inputs, outputs, trigger_mode="always_last", **private)
+        gr.on([beam.change, max_len.change], rerun, [*inputs, caption], outputs, trigger_mode="always_last",
+              **private)
     return app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
 
 

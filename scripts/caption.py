@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from captioning.batch import DEFAULT_MAX_PIXELS, FORMATS, caption_files, expand_inputs, format_for, open_writer
+from captioning.batch import DEFAULT_MAX_PIXELS, FORMATS, Stopped, caption_files, expand_inputs, format_for, open_writer
 from captioning.checkpoint import CheckpointError
 from captioning.config import at_least
 from captioning.inference import ImageCaptioner
@@ -71,12 +71,13 @@ def main(args: argparse.Namespace) -> int:
         with writer:
             summary = caption_files(captioner, paths, writer, args.beam_size, args.max_len, args.n_best,
                                     args.batch_size, args.num_workers, args.max_pixels, args.attention_dir)
-    except KeyboardInterrupt:
-        print(f"stopped: the captions written so far are kept in {out}; run the same command again to caption the "
-              "rest", file=sys.stderr)
-        return 130
+    except (Stopped, KeyboardInterrupt) as e:  # KeyboardInterrupt: a second Ctrl-C, which stops at once
+        print(f"stopped: the captions written so far are kept in {writer.path}; run the same command again to caption "
+              "the rest", file=sys.stderr)
+        return 128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT)
     except OSError as e:  # the results file or an attention map could not be written
-        sys.exit(f"error: {e.filename or out}: {e.strerror}; the captions written so far are kept in {out}")
+        sys.exit(f"error: {e.filename or writer.path}: {e.strerror}; the captions written so far are kept in "
+                 f"{writer.path}")
     summary.failed += len(unreadable)
     print(f"{summary} -> {out}")
     return 1 if args.strict and summary.failed else 0
@@ -84,4 +85,8 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops a run as Ctrl-C does
-    sys.exit(main(get_args_parser().parse_args()))
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except KeyboardInterrupt:  # while the model loads: nothing is written yet
+        print("stopped before captioning began", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

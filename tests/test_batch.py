@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from captioning.batch import attention_file, coco_image_id, expand_inputs
 from captioning.data import sources
+from captioning.inference import ImageCaptioner
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("caption_script", REPO / "scripts" / "caption.py")
@@ -126,6 +129,26 @@ def test_resume_after_a_killed_run_and_overwrite(tree, trained_checkpoint, tmp_p
     assert len(read_jsonl(out)) == 2
 
 
+def test_sigterm_stops_after_the_batch_at_hand_and_the_run_resumes(tree, trained_checkpoint, tmp_path, capsys,
+                                                                   monkeypatch):
+    caption_batch = ImageCaptioner.caption_batch
+
+    def terminated_during_the_first_batch(self, *args, **kwargs):
+        monkeypatch.setattr(ImageCaptioner, "caption_batch", caption_batch)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return caption_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageCaptioner, "caption_batch", terminated_during_the_first_batch)
+    out = tmp_path / "results.json"
+    assert run(trained_checkpoint, str(tree["photos"]), "--out", str(out)) == 128 + signal.SIGTERM
+    progress = tmp_path / "results.progress.jsonl"
+    assert f"stopped: the captions written so far are kept in {progress};" in capsys.readouterr().err
+    assert 0 < len(read_jsonl(progress)) <= 8  # the first batch, written; no results array for a run not finished
+    assert not out.exists()
+    assert run(trained_checkpoint, str(tree["photos"]), "--out", str(out)) == 0
+    assert len(json.loads(out.read_text())) == len(tree["good"])
+
+
 def test_flat_leaves_out_nested_folders(tree, trained_checkpoint, tmp_path):
     out = tmp_path / "flat.jsonl"
     assert run(trained_checkpoint, str(tree["photos"]), "--flat", "--out", str(out)) == 0
@@ -168,8 +191,9 @@ def test_attention_maps_and_nbest_in_jsonl(tree, trained_checkpoint, tmp_path):
                "--n-best", "3", "--attention-dir", str(maps)) == 0
     records = read_jsonl(out)
     assert all(len(r["nbest"]) == 3 and r["nbest"][0]["caption"] == r["caption"] for r in records)
-    figures = sorted(maps.glob("*.png"))
-    assert sorted(p.name.rsplit("__", 1)[-1] for p in figures) == ["g.jpg.png", "h.png.png"]
+    figures = sorted(maps.rglob("*.png"))
+    assert figures == sorted(attention_file(maps, r["path"]) for r in records)
+    assert sorted(p.name for p in figures) == ["g.jpg.png", "h.png.png"]
     assert Image.open(figures[0]).width > 160  # the photo and at least one word panel
 
 
@@ -290,9 +314,20 @@ def test_an_unreadable_folder_is_reported_and_counts_as_a_failure(tree, trained_
     assert f"captioned {len(tree['good']) - 2}, skipped 0 (already captioned), failed 5" in captured.out
 
 
-def test_attention_maps_of_files_that_differ_only_in_extension_are_kept_apart(tmp_path):
-    assert attention_file(tmp_path, "x/photo.jpg") != attention_file(tmp_path, "x/photo.png")
-    assert attention_file(tmp_path, "../x/photo.jpg").name == "x__photo.jpg.png"
+def test_every_image_gets_its_own_attention_map_file(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    (work / "x").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    maps = tmp_path / "maps"
+    paths = ["x/photo.jpg", "x/photo.png", "x__y/p.jpg", "x/y__p.jpg", "../x/photo.jpg", str(work / "x/photo.jpg"),
+             "/x/photo.jpg", "@root/x/photo.jpg"]
+    files = [attention_file(maps, p) for p in paths]
+    assert files[0] == maps / "x" / "photo.jpg.png"  # the image's own path, under the folder
+    assert files[5] == files[0]  # one image named two ways: one file
+    others = files[:5] + files[6:]
+    assert len(set(others)) == len(others)
+    assert files[4] == maps / "@root" / tmp_path.relative_to(tmp_path.anchor) / "x" / "photo.jpg.png"
+    assert files[7] == maps / "@@root" / "x" / "photo.jpg.png"
 
 
 def test_input_and_output_errors_name_the_file(tree, trained_checkpoint, tmp_path, monkeypatch, capsys):
@@ -300,6 +335,9 @@ def test_input_and_output_errors_name_the_file(tree, trained_checkpoint, tmp_pat
         run(trained_checkpoint, str(tree["photos"] / "a.jpg"), "--out", str(tmp_path))
     with pytest.raises(SystemExit, match="unknown device 'gpu'"):
         run(trained_checkpoint, str(tree["photos"] / "a.jpg"), "--device", "gpu")
+    if not torch.backends.mps.is_available():  # a backend this machine lacks: one line, not model.to's traceback
+        with pytest.raises(SystemExit, match="device 'mps' is not usable here .*: use auto or cpu"):
+            run(trained_checkpoint, str(tree["photos"] / "a.jpg"), "--device", "mps")
     (tmp_path / "bom.txt").write_text("\ufeffa.jpg\n")  # a list saved by Notepad starts with a byte-order mark
     (tmp_path / "a.jpg").write_bytes((tree["photos"] / "a.jpg").read_bytes())
     assert list(expand_inputs([tmp_path / "bom.txt"])) == [str(tmp_path / "a.jpg")]

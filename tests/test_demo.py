@@ -218,6 +218,9 @@ def test_page_in_a_real_browser(trained_checkpoint, captioner, files):
             expect(table).to_have_attribute("aria-rowcount", "4")  # a header row and beam 3's captions
             page.get_by_label("range slider for Beam size").press("ArrowRight")  # the keyboard re-captions too
             expect(table).to_have_attribute("aria-rowcount", "5", timeout=30_000)
+            demo.forget_idle_sessions(app.state_holder, 0)  # as the sweeper does to a page left idle
+            page.get_by_label("range slider for Beam size").press("ArrowRight")
+            expect(page.locator("#caption .caption-problem")).to_have_text(demo.FORGOTTEN, timeout=30_000)
 
             page.goto(f"http://127.0.0.1:{port}/")  # a fresh page: its upload box is empty again
             page.locator("#upload input[type=file]").set_input_files(files["text"])

@@ -200,6 +200,10 @@ def test_resume_goes_on_in_the_moved_run_folder_rewrites_later_metrics_and_refus
     assert [line["epoch"] for line in lines] == [0, 1]
     assert load_checkpoint(tmp_path / "moved" / "last.pt")["progress"]["epoch"] == 2
     assert not (tmp_path / "run").exists()
+    metrics = (tmp_path / "moved" / "metrics.jsonl").read_bytes()
+    finished = resume()  # nothing left to train: refused, the run's files untouched
+    assert finished.returncode == 1 and "has trained all 2 epochs" in finished.stderr, finished.stderr[-2000:]
+    assert (tmp_path / "moved" / "metrics.jsonl").read_bytes() == metrics
 
 
 # ------------------------------------------------------------------------------------------ checkpoint files
