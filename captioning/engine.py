@@ -228,5 +228,7 @@ def evaluate(model: Captioner, loader, references: list[list[str]], device: torc
     """Decode and score against the references -> (scores, predictions). Real decoding, not teacher forcing."""
     predictions = predict(model, loader, device, beam_size, max_len, length_penalty, amp,
                           no_repeat_ngram=no_repeat_ngram)
+    if not predictions:
+        raise ValueError(f"none of the {len(references)} images could be read (each is named in a warning above)")
     refs = {i: references[i] for i in predictions}
     return score_captions(refs, predictions, meteor=meteor), predictions

@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from captioning.batch import caption_files, expand_inputs, open_writer
 from captioning.checkpoint import save_checkpoint
-from captioning.config import Config, load_config
+from captioning.config import Config, ConfigError, at_least, load_config
 from captioning.decoding import beam_search
 from captioning.engine import StepState, autocast, keep_freed_memory, resolve_device, train_one_epoch
 from captioning.inference import ImageCaptioner
@@ -71,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"what to measure: {', '.join(AREAS)} (default: all)")
     p.add_argument("--quick", action="store_true", help="small sizes: a check that every area runs, not figures")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators for beam and latency")
     p.add_argument("--compile", action="store_true", help="gpu: also time training with train.compile=true")
     p.add_argument("--memory-child", nargs=3, metavar=("CHECKPOINT", "LIST", "OUT"), help=argparse.SUPPRESS)
@@ -554,7 +554,10 @@ def main(args: argparse.Namespace) -> int:
     unknown = [a for a in args.areas if a not in AREAS]
     if unknown:
         sys.exit(f"error: unknown area {unknown}; choose from {', '.join(AREAS)}")
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     load = "n/a" if not hasattr(os, "getloadavg") else f"{os.getloadavg()[0]:.1f}"
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {os.cpu_count()} CPUs, "
           f"load average {load}{', quick sizes' if args.quick else ''}")

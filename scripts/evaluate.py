@@ -50,16 +50,25 @@ def main(args: argparse.Namespace) -> dict:
                               "and the options above; --set changes data.* keys only")
         cfg = load_config(None, args.set, base=cfg.to_dict())
         source = build_source(cfg.data, args.split)
+        if not len(source):
+            raise ValueError(f"the {args.split} split of data.dataset '{cfg.data.dataset}' has no images with "
+                             "captions; check data.root and its annotation files (scripts/check_data.py lists what "
+                             "it finds)")
+        out = Path(args.out or Path(args.checkpoint).parent)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; name a folder for the captions and scores")
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     preprocess = Preprocess.for_encoder(model.encoder, cfg.data.image_size)
     dataset = EvalDataset(ImageLoader(source, preprocess), len(source))
     loader = DataLoader(dataset, args.batch_size, collate_fn=collate_eval, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
-    scores, predictions = evaluate(model, loader, [s.captions for s in source.samples], device, args.beam_size,
-                                   args.max_len, args.length_penalty, meteor=not args.no_meteor,
-                                   no_repeat_ngram=args.no_repeat_ngram)
-    out = Path(args.out or Path(args.checkpoint).parent)
+    try:
+        scores, predictions = evaluate(model, loader, [s.captions for s in source.samples], device, args.beam_size,
+                                       args.max_len, args.length_penalty, meteor=not args.no_meteor,
+                                       no_repeat_ngram=args.no_repeat_ngram)
+    except ValueError as e:  # no image of the split could be read
+        sys.exit(f"error: {args.split} split: {e}")
     out.mkdir(parents=True, exist_ok=True)
     results = [{"image_id": source.samples[i].image_id, "caption": c} for i, c in sorted(predictions.items())]
     (out / f"captions_{args.split}.json").write_text(json.dumps(results, indent=1))

@@ -165,6 +165,22 @@ def test_evaluate_script_refuses_settings_it_would_not_use(synthetic_run, tmp_pa
         _assert_clean_error(result, message)
 
 
+def test_evaluate_script_on_a_split_it_cannot_read_or_an_out_that_is_a_file(synthetic_run, make_coco, tmp_path):
+    run, _ = synthetic_run
+    root = make_coco(tmp_path, split="val", n_images=3)
+    for image in (root / "val2017").iterdir():
+        image.write_bytes(b"not a jpeg")
+    result = _script("evaluate.py", "--checkpoint", run / "best.pt", "--no-meteor", "--split", "val", "--set",
+                     "data.dataset=coco", f"data.root={root}", "data.year=2017", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == ("error: val split: none of the 3 images could be read (each is "
+                                                      "named in a warning above)")
+    (tmp_path / "a_file").write_text("")
+    result = _script("evaluate.py", "--checkpoint", run / "best.pt", "--no-meteor", "--out", tmp_path / "a_file",
+                     cwd=tmp_path)
+    _assert_clean_error(result, "is a file; name a folder")
+
+
 def test_train_and_evaluate_on_a_coco_format_dataset(make_coco, tmp_path):
     root = make_coco(tmp_path, split="train", n_images=6)
     assert make_coco(tmp_path, split="val", n_images=4) == root

@@ -161,6 +161,15 @@ def test_flickr8k_source(make_flickr8k, tmp_path):
     assert flickr8k_source(root, "train").samples[0].captions[0].endswith("is climbing .")  # raw, as written
 
 
+def test_flickr8k_files_saved_with_a_byte_order_mark_read_whole(make_flickr8k, tmp_path):
+    root = make_flickr8k(tmp_path)
+    plain = flickr8k_source(root, "train")
+    for name in ("Flickr8k.token.txt", "Flickr_8k.trainImages.txt"):  # as an editor on Windows saves them
+        (root / name).write_text("\ufeff" + (root / name).read_text(encoding="utf-8"), encoding="utf-8")
+    marked = flickr8k_source(root, "train")
+    assert [(s.image_id, s.captions) for s in marked.samples] == [(s.image_id, s.captions) for s in plain.samples]
+
+
 def test_flickr8k_image_dir_and_errors(make_flickr8k, tmp_path):
     root = make_flickr8k(tmp_path, image_dir="images")
     with pytest.raises(FileNotFoundError, match=r"Flicker8k_Dataset is not a folder.*image_dir="):

@@ -246,10 +246,10 @@ def flickr8k_source(root: str | Path, split: str, image_dir: str | Path | None =
     image_dir = Path(image_dir) if image_dir is not None else root / "Flicker8k_Dataset"
     _require_dir(image_dir, "Flickr8k images", "Pass image_dir=<the folder unzipped from Flickr8k_Dataset.zip>.")
 
-    names = [line.strip() for line in split_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in split_path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     captions: dict[str, list[str]] = defaultdict(list)
     wanted = set(names)
-    with open(token_path, encoding="utf-8") as f:
+    with open(token_path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not a name
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if not line:
