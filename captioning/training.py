@@ -223,6 +223,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     model.to(device)
 
     preprocess = Preprocess.for_encoder(model.encoder, cfg.data.image_size)
+    cfg.data.image_size = preprocess.size  # 0 (the weights' crop size) as a number: a checkpoint's model is
+    # rebuilt without its pretrained weights, so evaluation, captioning and the demo read the size from here
     train_load, val_load = _input_loaders(cfg, model, preprocess, train_src, val_src, device)
     train_ds = TrainDataset(train_load,
                             encode_captions(train_src, vocab, cfg.data.max_caption_len),

@@ -111,6 +111,25 @@ def test_missing_or_foreign_checkpoint_is_refused(tmp_path):
         load_model(tmp_path / "bare.pt")
 
 
+def test_image_size_0_is_saved_as_the_weights_crop_size(tmp_path, monkeypatch):
+    """Weights with a 48-pixel crop train at 48; the checkpoint's model is rebuilt without them, so inference must
+    read 48 from the saved config, not fall back to a weightless encoder's 224."""
+    from captioning.inference import ImageCaptioner
+    from captioning.models.encoder import Encoder
+
+    init = Encoder.__init__
+
+    def with_a_48_pixel_crop(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.image_size = 48
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Encoder, "__init__", with_a_48_pixel_crop)
+        run = train(_small(tmp_path / "run", **{"data.image_size": 0}))
+    assert load_checkpoint(run / "best.pt")["config"]["data"]["image_size"] == 48
+    assert ImageCaptioner.from_checkpoint(run / "best.pt", "cpu").preprocess.size == 48
+
+
 def test_load_model_rebuilds_the_same_model(tmp_path):
     torch.manual_seed(0)
     cfg = _small(tmp_path, **{"model.decoder": "attention", "model.cell": "gru", "model.num_layers": 2})
