@@ -50,10 +50,6 @@ def main(args: argparse.Namespace) -> dict:
                               "and the options above; --set changes data.* keys only")
         cfg = load_config(None, args.set, base=cfg.to_dict())
         source = build_source(cfg.data, args.split)
-        if not len(source):
-            raise ValueError(f"the {args.split} split of data.dataset '{cfg.data.dataset}' has no images with "
-                             "captions; check data.root and its annotation files (scripts/check_data.py lists what "
-                             "it finds)")
         out = Path(args.out or Path(args.checkpoint).parent)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; name a folder for the captions and scores")

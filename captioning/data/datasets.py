@@ -22,7 +22,7 @@ InputLoader = Callable[[int, torch.Generator | None], torch.Tensor]
 
 
 def build_source(cfg: DataConfig, split: str) -> CaptionSource:
-    """The configured dataset's split ('train', 'val' or 'test')."""
+    """The configured dataset's split ('train', 'val' or 'test'); a split without images is a ValueError."""
     if cfg.dataset == "synthetic":
         n = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}[split]
         return SyntheticShapes(split, n, seed=0, image_size=cfg.synthetic_size)
@@ -30,10 +30,15 @@ def build_source(cfg: DataConfig, split: str) -> CaptionSource:
         raise ConfigError(f"data.dataset={cfg.dataset} needs data.root (and data.karpathy_json for karpathy); "
                          "see the README's dataset section")
     if cfg.dataset == "coco":
-        return coco_source(cfg.root, split, cfg.year, cfg.image_dir or None)
-    if cfg.dataset == "karpathy":
-        return karpathy_source(cfg.karpathy_json, cfg.image_dir or cfg.root, split, cfg.use_restval)
-    return flickr8k_source(cfg.root, split, cfg.image_dir or None)
+        source = coco_source(cfg.root, split, cfg.year, cfg.image_dir or None)
+    elif cfg.dataset == "karpathy":
+        source = karpathy_source(cfg.karpathy_json, cfg.image_dir or cfg.root, split, cfg.use_restval)
+    else:
+        source = flickr8k_source(cfg.root, split, cfg.image_dir or None)
+    if not len(source):
+        raise ValueError(f"the {split} split of data.dataset '{cfg.dataset}' has no images with captions; check "
+                         "data.root and its annotation files (scripts/check_data.py lists what it finds)")
+    return source
 
 
 class Preprocess:
