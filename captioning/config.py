@@ -196,6 +196,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 _CHOICES = {
     "data.dataset": ("synthetic", "coco", "karpathy", "flickr8k"),
+    "data.year": (2014, 2017),
     "data.feature_dtype": ("float16", "float32"),
     "model.decoder": ("attention", "show_tell"),
     "model.cell": ("lstm", "gru", "rnn"),
@@ -224,7 +225,7 @@ def validate(cfg: Config) -> Config:
     value = {f"{section}.{name}": v for section, values in d.items() for name, v in values.items()}
     for key, choices in _CHOICES.items():
         if value[key] not in choices:
-            raise ConfigError(f"config key '{key}' is {value[key]!r}; choose one of {', '.join(choices)}")
+            raise ConfigError(f"config key '{key}' is {value[key]!r}; choose one of {', '.join(map(str, choices))}")
     for key in _POSITIVE:
         if not 0 < value[key] < math.inf:
             raise ConfigError(f"config key '{key}' is {value[key]}; it must be a positive number")
@@ -244,6 +245,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config key 'train.average_epochs' must be at least 0 (0 = no averaged.pt)")
     if cfg.data.captions_per_image < 1:
         raise ConfigError("config key 'data.captions_per_image' must be at least 1")
+    if cfg.data.feature_cache and cfg.model.trainable_layers:
+        raise ConfigError("config key 'data.feature_cache' needs a frozen encoder: features computed once cannot "
+                          "follow an encoder that trains; set model.trainable_layers=0 or data.feature_cache=''")
     return cfg
 
 

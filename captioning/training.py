@@ -112,8 +112,6 @@ def _input_loaders(cfg: Config, model: Captioner, preprocess: Preprocess, train_
     """Images through the encoder in the loop, or features from the cache (extracted first if missing)."""
     if not cfg.data.feature_cache:
         return ImageLoader(train_src, preprocess, cfg.data.augment), ImageLoader(val_src, preprocess)
-    if not model.encoder.frozen:
-        raise ValueError("data.feature_cache needs a frozen encoder (model.trainable_layers=0)")
     loaders = []
     for split, source in (("train", train_src), ("val", val_src)):
         record = cache_record(cfg, model.encoder, preprocess, source)

@@ -1,13 +1,16 @@
 """Score a trained captioner on a dataset split with the COCO caption metrics.
 
-    python scripts/evaluate.py --checkpoint runs/quickstart/best.pt --split test --beam-size 3
+    python scripts/evaluate.py --checkpoint runs/flickr8k_attention/best.pt --split test --beam-size 3
     python scripts/evaluate.py --checkpoint best.pt --split val --set data.root=/data/coco   # data moved
 
-Writes <out>/captions_<split>.json (COCO results format: image_id, caption) and <out>/scores_<split>.json.
+Writes <out>/captions_<split>.json (COCO results format: image_id, caption) and <out>/scores_<split>.json (the
+scores with the decoding and data settings that produced them), replacing those of an earlier evaluation of the split.
+Images that cannot be read are named in warnings, left out of the scores and counted in both outputs.
 """
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -21,13 +24,20 @@ from captioning.engine import evaluate, resolve_device
 from captioning.models import load_model
 
 
+def finite(text: str) -> float:
+    value = float(text)  # argparse reports "invalid finite value" when this fails
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by scripts/train.py")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--beam-size", type=at_least(1), default=3)
     p.add_argument("--max-len", type=at_least(1), default=20)
-    p.add_argument("--length-penalty", type=float, default=0.0, help="divide beam scores by length**this")
+    p.add_argument("--length-penalty", type=finite, default=0.0, help="divide beam scores by length**this")
     p.add_argument("--no-repeat-ngram", type=at_least(0), default=3, metavar="N",
                    help="never repeat an N-gram within a caption (0 = allow repeats)")
     p.add_argument("--batch-size", type=at_least(1), default=32)
@@ -68,14 +78,19 @@ def main(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = [{"image_id": source.samples[i].image_id, "caption": c} for i, c in sorted(predictions.items())]
     (out / f"captions_{args.split}.json").write_text(json.dumps(results, indent=1))
+    unreadable = len(source) - len(results)
     report = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(results),
-              "beam_size": args.beam_size, "length_penalty": args.length_penalty,
-              "no_repeat_ngram": args.no_repeat_ngram, **scores}
+              "unreadable_images": unreadable, "beam_size": args.beam_size, "max_len": args.max_len,
+              "length_penalty": args.length_penalty, "no_repeat_ngram": args.no_repeat_ngram,
+              "data": cfg.to_dict()["data"], **scores}
     (out / f"scores_{args.split}.json").write_text(json.dumps(report, indent=2))
     names = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
     print("  ".join(f"{n} {scores[n]:.4f}" for n in names if n in scores))
     for note in scores.get("notes", []):
         print(f"note: {note}")
+    if unreadable:
+        print(f"warning: {unreadable} of the {len(source)} {args.split} images could not be read (named in the "
+              f"warnings above); the scores cover the other {len(results)}")
     print(f"{len(results)} {args.split} images, beam {args.beam_size}: captions and scores in {out}")
     return report
 

@@ -3,17 +3,19 @@
     python scripts/extract_features.py --config configs/flickr8k_attention.yaml
     python scripts/extract_features.py --config configs/coco_attention.yaml --splits train val --set data.root=...
 
-The cache goes to the config's data.feature_cache folder; train.py then reads it instead of running the encoder.
+The cache goes to the config's data.feature_cache folder; train.py then reads it instead of running the encoder. A
+split already cached with the same settings is kept, so a stopped extraction goes on where it stopped.
 """
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from captioning.config import ConfigError, at_least, load_config
 from captioning.data.datasets import Preprocess, build_source
-from captioning.data.features import cache_record, extract_features
+from captioning.data.features import FeatureLoader, cache_record, extract_features
 from captioning.engine import resolve_device
 from captioning.models.encoder import Encoder
 
@@ -33,7 +35,7 @@ def main(args: argparse.Namespace) -> None:
         cfg = load_config(args.config, args.set)
         device = resolve_device(cfg.train.device)
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        sys.exit(f"error: {e}")
     if not cfg.data.feature_cache:
         sys.exit("error: the config has no data.feature_cache folder; add --set data.feature_cache=DIR")
     m = cfg.model
@@ -44,10 +46,25 @@ def main(args: argparse.Namespace) -> None:
     except (FileNotFoundError, ValueError) as e:  # ConfigError too
         sys.exit(f"error: {e}")
     preprocess = Preprocess.for_encoder(encoder, cfg.data.image_size)
+    folder = Path(cfg.data.feature_cache)
     for split, source in sources.items():
         record = cache_record(cfg, encoder, preprocess, source)
-        path = extract_features(encoder, source, preprocess, cfg.data.feature_cache, split, record, device,
-                                args.batch_size, cfg.data.num_workers)
+        try:
+            FeatureLoader(folder, split, record)
+        except (FileNotFoundError, ValueError):  # none yet, or made with other settings: (re)extract
+            pass
+        else:
+            print(f"{split}: already cached in {folder} with these settings; kept")
+            continue
+        try:
+            path = extract_features(encoder, source, preprocess, folder, split, record, device, args.batch_size,
+                                    cfg.data.num_workers)
+        except ValueError as e:  # the cache folder is a file, or no image of the split could be read
+            sys.exit(f"error: {e}")
+        except KeyboardInterrupt:
+            print(f"stopped: the {split} split was not cached (splits finished before it are kept); run the same "
+                  "command again to go on", file=sys.stderr)
+            raise SystemExit(130) from None
         mb = path.stat().st_size / 2**20
         print(f"{split}: {len(source)} images -> {path} ({mb:.0f} MB, {1024 * mb / len(source):.0f} KB/image)")
 

@@ -94,9 +94,10 @@ def test_wrong_type_in_a_file(tmp_path):
 @pytest.mark.parametrize("key, value", [("model.cell", "transformer"), ("model.decoder", "topdown"),
                                         ("data.dataset", "imagenet"), ("train.lr_schedule", "linear"),
                                         ("data.feature_dtype", "int8"),
-                                        ("train.select_metric", "METEOR")])  # not computed per epoch
+                                        ("train.select_metric", "METEOR"),  # not computed per epoch
+                                        ("data.year", 2015)])
 def test_invalid_choice_lists_the_choices(key, value):
-    with pytest.raises(ConfigError, match=f"config key '{key}' is '{value}'; choose one of"):
+    with pytest.raises(ConfigError, match=f"config key '{key}' is {value!r}; choose one of"):
         load_config(None, [f"{key}={value}"])
 
 

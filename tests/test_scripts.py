@@ -1,4 +1,5 @@
-"""scripts/train.py and scripts/evaluate.py end to end, in subprocesses, on tiny synthetic and COCO-format data."""
+"""scripts/train.py, evaluate.py and extract_features.py end to end, in subprocesses, on tiny synthetic and COCO-format
+data."""
 
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def _check_evaluation(out: Path, split: str, image_ids: list, beam_size: int) ->
         assert isinstance(scores[name], float) and 0.0 <= scores[name] <= 10.0
     assert "METEOR" not in scores  # --no-meteor
     assert scores["images"] == len(image_ids) and scores["split"] == split and scores["beam_size"] == beam_size
+    assert scores["unreadable_images"] == 0
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +183,32 @@ def test_evaluate_script_on_a_split_it_cannot_read_or_an_out_that_is_a_file(synt
     _assert_clean_error(result, "is a file; name a folder")
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "x"])
+def test_evaluate_script_refuses_a_length_penalty_that_is_not_a_finite_number(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_script.get_args_parser().parse_args(["--checkpoint", "x.pt", "--length-penalty", value])
+    assert exit_info.value.code == 2
+    assert "argument --length-penalty: " in capsys.readouterr().err
+    args = evaluate_script.get_args_parser().parse_args(["--checkpoint", "x.pt", "--length-penalty", "-0.5"])
+    assert args.length_penalty == -0.5
+
+
+def test_evaluate_script_counts_the_images_it_could_not_read(synthetic_run, make_coco, tmp_path):
+    run, _ = synthetic_run
+    root = make_coco(tmp_path, split="val", n_images=4)
+    bad = sorted((root / "val2017").iterdir())[1]
+    bad.write_bytes(b"not a jpeg")
+    result = _script("evaluate.py", "--checkpoint", run / "best.pt", "--no-meteor", "--split", "val", "--num-workers",
+                     "0", "--out", tmp_path / "eval", "--set", "data.dataset=coco", f"data.root={root}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert bad.name in result.stderr
+    assert "warning: 1 of the 4 val images could not be read" in result.stdout
+    scores = json.loads((tmp_path / "eval" / "scores_val.json").read_text())
+    assert (scores["images"], scores["unreadable_images"]) == (3, 1)
+    assert scores["data"]["dataset"] == "coco" and scores["data"]["root"] == str(root)  # what was scored
+    assert len(json.loads((tmp_path / "eval" / "captions_val.json").read_text())) == 3
+
+
 def test_train_and_evaluate_on_a_coco_format_dataset(make_coco, tmp_path):
     root = make_coco(tmp_path, split="train", n_images=6)
     assert make_coco(tmp_path, split="val", n_images=4) == root
@@ -200,3 +228,27 @@ def test_train_and_evaluate_on_a_coco_format_dataset(make_coco, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     annotations = json.loads((root / "annotations" / "captions_val2017.json").read_text())
     _check_evaluation(tmp_path / "eval", "val", [im["id"] for im in annotations["images"]], beam_size=2)
+
+
+def test_extract_features_script_caches_each_split_once_and_refuses_what_training_would(tmp_path):
+    config = _write_yaml(tmp_path / "tiny.yaml", TINY)
+    cache = tmp_path / "features"
+    result = _script("extract_features.py", "--config", config, "--set", f"data.feature_cache={cache}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in cache.iterdir()) == ["train.json", "train.npy", "val.json", "val.npy"]
+    made = (cache / "train.npy").stat().st_mtime_ns
+    again = _script("extract_features.py", "--config", config, "--set", f"data.feature_cache={cache}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "train: already cached" in again.stdout and "val: already cached" in again.stdout
+    assert (cache / "train.npy").stat().st_mtime_ns == made
+    # a run of the same config trains from this cache without extracting
+    run = _script("train.py", "--config", config, "--set", f"data.feature_cache={cache}",
+                  f"train.out_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (cache / "train.npy").stat().st_mtime_ns == made
+
+    (tmp_path / "a_file").write_text("")
+    for flags, message in [([f"data.feature_cache={tmp_path / 'a_file'}"], "is a file; name a folder"),
+                           ([f"data.feature_cache={cache}", "model.trainable_layers=1"], "needs a frozen encoder")]:
+        _assert_clean_error(_script("extract_features.py", "--config", config, "--set", *flags, cwd=tmp_path),
+                            message)

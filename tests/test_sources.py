@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from captioning.config import ConfigError, load_config
+from captioning.data.datasets import build_source
 from captioning.data.sources import (
     BadImageError,
     CaptionSource,
@@ -143,6 +145,25 @@ def test_karpathy_errors(make_karpathy, tmp_path):
     (tmp_path / "other.json").write_text("[]")
     with pytest.raises(ValueError, match="not a Karpathy split file"):
         karpathy_source(tmp_path / "other.json", image_root, "train")
+
+
+@pytest.mark.parametrize("overrides", [["data.dataset=karpathy", "data.image_dir=images"],
+                                       ["data.dataset=karpathy", "data.karpathy_json=dataset_coco.json"],
+                                       ["data.dataset=coco", "data.image_dir=images"],
+                                       ["data.dataset=flickr8k", "data.karpathy_json=dataset_flickr8k.json"]])
+def test_a_dataset_without_its_paths_is_refused_naming_the_keys_it_needs(overrides):
+    cfg = load_config(None, overrides)
+    needed = ["data.karpathy_json", "data.image_dir"] if cfg.data.dataset == "karpathy" else ["data.root"]
+    with pytest.raises(ConfigError, match=f"data.dataset={cfg.data.dataset} needs") as info:
+        build_source(cfg.data, "train")
+    assert all(key in str(info.value) for key in needed)
+
+
+def test_karpathy_images_are_found_under_data_root_when_data_image_dir_is_unset(make_karpathy, tmp_path):
+    json_path, image_root = make_karpathy(tmp_path, "coco")
+    cfg = load_config(None, ["data.dataset=karpathy", f"data.karpathy_json={json_path}", f"data.root={image_root}"])
+    assert [s.image_id for s in build_source(cfg.data, "test").samples] == \
+        [s.image_id for s in karpathy_source(json_path, image_root, "test").samples]
 
 
 # ---------------------------------------------------------------- Flickr8k

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from captioning import engine, training
 from captioning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from captioning.config import Config, ModelConfig, load_config
+from captioning.config import Config, ConfigError, ModelConfig, load_config
 from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, build_source, build_vocab, collate_eval
 from captioning.data.features import cache_record, extract_features
 from captioning.decoding import decode, rollout
@@ -340,8 +340,30 @@ def test_feature_cache_made_with_other_settings_is_refused(tmp_path, feature_cac
 
 
 def test_feature_cache_needs_a_frozen_encoder(tmp_path):
-    with pytest.raises(ValueError, match="frozen encoder"):
-        train(_small(tmp_path / "run", **{"data.feature_cache": str(tmp_path / "f"), "model.trainable_layers": 1}))
+    with pytest.raises(ConfigError, match="needs a frozen encoder"):  # refused with the config, before any work
+        _small(tmp_path / "run", **{"data.feature_cache": str(tmp_path / "f"), "model.trainable_layers": 1})
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+def test_an_interrupted_extraction_leaves_no_cache_and_no_temp_file(tmp_path, error):
+    cfg = _small(tmp_path / "unused", **_CACHED)
+    model = Captioner(cfg.model, Vocabulary.build([]))
+    preprocess = Preprocess.for_encoder(model.encoder, cfg.data.image_size)
+    source = build_source(cfg.data, "train")
+    record = cache_record(cfg, model.encoder, preprocess, source)
+    forward, calls = model.encoder.forward, []
+
+    def stopped_at_the_second_batch(images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise error()
+        return forward(images)
+
+    model.encoder.forward = stopped_at_the_second_batch
+    with pytest.raises(error):
+        extract_features(model.encoder, source, preprocess, tmp_path / "f", "train", record, torch.device("cpu"), 4, 0)
+    assert calls == [4, 4]  # the first batch was written to the temp file before the stop
+    assert list((tmp_path / "f").iterdir()) == []
 
 
 # ----------------------------------------------------------------------------------------- self-critical training

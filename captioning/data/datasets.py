@@ -26,9 +26,13 @@ def build_source(cfg: DataConfig, split: str) -> CaptionSource:
     if cfg.dataset == "synthetic":
         n = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}[split]
         return SyntheticShapes(split, n, seed=0, image_size=cfg.synthetic_size)
-    if not cfg.root and not cfg.karpathy_json:
-        raise ConfigError(f"data.dataset={cfg.dataset} needs data.root (and data.karpathy_json for karpathy); "
-                         "see the README's dataset section")
+    if cfg.dataset == "karpathy" and not (cfg.karpathy_json and (cfg.image_dir or cfg.root)):
+        raise ConfigError("data.dataset=karpathy needs data.karpathy_json (dataset_coco.json, dataset_flickr8k.json or "
+                          "dataset_flickr30k.json) and data.image_dir, the folder its image paths start from; see "
+                          "the README's dataset section")
+    if cfg.dataset != "karpathy" and not cfg.root:
+        raise ConfigError(f"data.dataset={cfg.dataset} needs data.root, the folder of its annotation files; see the "
+                          "README's dataset section")
     if cfg.dataset == "coco":
         source = coco_source(cfg.root, split, cfg.year, cfg.image_dir or None)
     elif cfg.dataset == "karpathy":

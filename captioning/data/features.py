@@ -4,7 +4,8 @@ One split is two files: `<split>.npy`, a (num_images, N, C) array memory-mapped 
 encoder, a digest of its weights and the preprocessing that produced it, and which images could not be read. A cache
 whose record does not match the run is refused, so a decoder never trains on features from another backbone, other
 weights (a random encoder of another seed) or another resolution. Both files are written to temporary names
-and renamed into place, so an interrupted extraction never leaves a cache that looks complete.
+and renamed into place, so an interrupted extraction never leaves a cache that looks complete, and a stopped one
+removes its temporary files.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess:
     the caches (MobileNetV2 at 320 px on 2 cores: 25 ms per image at 8, 43 ms at 32, loading included)."""
     batch_size = batch_size or (64 if device.type == "cuda" else 8)
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"data.feature_cache {folder} is a file; name a folder for the feature cache")
     folder.mkdir(parents=True, exist_ok=True)
     encoder = encoder.eval()
     dataset = EvalDataset(ImageLoader(loader_source, preprocess), len(loader_source))
@@ -65,25 +68,29 @@ def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess:
     loader = DataLoader(dataset, batch_size, collate_fn=collate_eval, num_workers=num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
     dtype = np.dtype(record["dtype"])
-    tmp = folder / f".{split}.npy.tmp"
+    tmp, meta_tmp = folder / f".{split}.npy.tmp", folder / f".{split}.json.tmp"
     array, read = None, np.zeros(len(dataset), dtype=bool)
-    for batch in tqdm(loader, desc=f"features {split}", dynamic_ncols=True):
-        if not batch:
-            continue
-        grid, _ = encoder(batch["inputs"].to(device, non_blocking=True))  # (B, N, C)
+    try:  # a stopped or failed extraction leaves no temp file behind
+        for batch in tqdm(loader, desc=f"features {split}", dynamic_ncols=True):
+            if not batch:
+                continue
+            grid, _ = encoder(batch["inputs"].to(device, non_blocking=True))  # (B, N, C)
+            if array is None:
+                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(dataset), *grid.shape[1:]))
+                array[:] = 0
+            array[batch["index"].numpy()] = grid.float().cpu().numpy().astype(dtype)
+            read[batch["index"].numpy()] = True
         if array is None:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(dataset), *grid.shape[1:]))
-            array[:] = 0
-        array[batch["index"].numpy()] = grid.float().cpu().numpy().astype(dtype)
-        read[batch["index"].numpy()] = True
-    if array is None:
-        raise RuntimeError(f"no image of the {split} split could be read; nothing to cache")
-    array.flush()
-    del array
-    meta_tmp = folder / f".{split}.json.tmp"
-    meta_tmp.write_text(json.dumps({**record, "unreadable": np.flatnonzero(~read).tolist()}, indent=1))
-    os.replace(tmp, folder / f"{split}.npy")
-    os.replace(meta_tmp, folder / f"{split}.json")  # the record last: it marks the cache complete
+            raise ValueError(f"none of the {len(dataset)} images of the {split} split could be read (each is named in "
+                             "a warning above); nothing to cache")
+        array.flush()
+        del array
+        meta_tmp.write_text(json.dumps({**record, "unreadable": np.flatnonzero(~read).tolist()}, indent=1))
+        os.replace(tmp, folder / f"{split}.npy")
+        os.replace(meta_tmp, folder / f"{split}.json")  # the record last: it marks the cache complete
+    finally:
+        tmp.unlink(missing_ok=True)
+        meta_tmp.unlink(missing_ok=True)
     return folder / f"{split}.npy"
 
 
