@@ -4,9 +4,10 @@
     python scripts/check_data.py --data-root ../shared/data --max-images 200   # open only the first 200 per split
 
 Expects COCO 2017 in <data-root>/coco_mini (annotations/captions_{train,val}2017.json, {train,val}2017/) and
-Flickr8k in <data-root>/flickr8k (Flickr8k.token.txt, Flickr_8k.{train,dev}Images.txt, images/). Prints per split the
-image and caption counts, captions per image, mean caption length in tokens and every image that fails to open;
-exits with status 1 if any split fails to load or any image fails to open.
+Flickr8k in <data-root>/flickr8k (Flickr8k.token.txt, Flickr_8k.{train,dev}Images.txt, images/); other folder names
+are set with --coco-dir, --flickr8k-dir and --flickr8k-images (the official Flickr8k zip unpacks its images into
+Flicker8k_Dataset/). Prints per split the image and caption counts, captions per image, mean caption length in
+tokens and the images that fail to open; exits with status 1 if any split fails to load or any image fails to open.
 """
 
 import argparse
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from captioning.config import at_least
 from captioning.data.sources import BadImageError, CaptionSource, coco_source, flickr8k_source
 from captioning.vocab import tokenize
 
@@ -26,8 +28,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--coco-dir", default="coco_mini", help="COCO root, relative to --data-root")
     p.add_argument("--flickr8k-dir", default="flickr8k", help="Flickr8k root, relative to --data-root")
     p.add_argument("--flickr8k-images", default="images", help="Flickr8k image folder, relative to --flickr8k-dir")
-    p.add_argument("--max-images", type=int, default=None, help="open at most this many images per split")
-    p.add_argument("--show-failures", type=int, default=10, help="list at most this many failed images per split")
+    p.add_argument("--max-images", type=at_least(1), default=None, help="open at most this many images per split")
+    p.add_argument("--show-failures", type=at_least(0), default=10,
+                   help="list at most this many failed images per split")
     return p
 
 
@@ -35,12 +38,18 @@ def spread(values: list[int]) -> str:
     return f"mean {statistics.mean(values):.2f} (min {min(values)}, max {max(values)})"
 
 
-def check_source(name: str, build: Callable[[], CaptionSource], max_images: int | None, show: int) -> dict:
-    """Load one split, print its statistics and open its images; returns counts for the summary."""
+def check_source(name: str, build: Callable[[], CaptionSource], paths_hint: str, max_images: int | None,
+                 show: int) -> dict:
+    """Load one split, print its statistics and open its images; returns counts for the summary.
+
+    paths_hint names this script's options for the split's folders; it follows a missing-file message, whose own fix
+    names train.py's settings (the loaders serve both)."""
     try:
         source = build()
     except (FileNotFoundError, ValueError) as e:
         print(f"{name}: FAILED to load: {e}")
+        if isinstance(e, FileNotFoundError):
+            print(f"  this script: {paths_hint}")
         return {"loaded": False, "images": 0, "captions": 0, "opened": 0, "bad": 0}
     per_image = [len(s.captions) for s in source.samples]
     lengths = [len(tokenize(c)) for s in source.samples for c in s.captions]
@@ -73,13 +82,18 @@ def main(args: argparse.Namespace) -> int:
     coco_root = args.data_root / args.coco_dir
     flickr_root = args.data_root / args.flickr8k_dir
     flickr_images = flickr_root / args.flickr8k_images
+    coco_hint = f"--coco-dir (relative to --data-root) names the COCO folder, now {coco_root}"
+    flickr_hint = (f"--flickr8k-dir (relative to --data-root) names the folder of the token file and split lists, "
+                   f"now {flickr_root}; --flickr8k-images (relative to --flickr8k-dir) the image folder, now "
+                   f"{flickr_images}")
     checks = {
-        "coco2017/val": lambda: coco_source(coco_root, "val", 2017),
-        "coco2017/train": lambda: coco_source(coco_root, "train", 2017),
-        "flickr8k/train": lambda: flickr8k_source(flickr_root, "train", image_dir=flickr_images),
-        "flickr8k/val": lambda: flickr8k_source(flickr_root, "val", image_dir=flickr_images),
+        "coco2017/val": (lambda: coco_source(coco_root, "val", 2017), coco_hint),
+        "coco2017/train": (lambda: coco_source(coco_root, "train", 2017), coco_hint),
+        "flickr8k/train": (lambda: flickr8k_source(flickr_root, "train", image_dir=flickr_images), flickr_hint),
+        "flickr8k/val": (lambda: flickr8k_source(flickr_root, "val", image_dir=flickr_images), flickr_hint),
     }
-    results = [check_source(name, build, args.max_images, args.show_failures) for name, build in checks.items()]
+    results = [check_source(name, build, hint, args.max_images, args.show_failures)
+               for name, (build, hint) in checks.items()]
     not_loaded = sum(not r["loaded"] for r in results)
     bad = sum(r["bad"] for r in results)
     print(

@@ -8,9 +8,11 @@ Every caption contains its image file's stem, so tests can check that captions s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -18,6 +20,17 @@ from PIL import Image, ImageDraw
 
 from captioning.config import Config, load_config
 from captioning.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str) -> ModuleType:
+    """A script of the repository (e.g. "scripts/train.py", "demo/app.py") as a module; its main() is not run."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(f"{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 KARPATHY_SPLITS = {"train": 3, "restval": 2, "val": 2, "test": 2}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 
 from captioning.batch import attention_file, coco_image_id, expand_inputs
@@ -23,9 +23,7 @@ from captioning.data import sources
 from captioning.inference import ImageCaptioner
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("caption_script", REPO / "scripts" / "caption.py")
-caption_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(caption_script)
+caption_script = load_script("scripts/caption.py")
 
 
 def _noise(size=(64, 48), seed=0) -> Image.Image:

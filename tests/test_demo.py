@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
@@ -18,10 +18,7 @@ from captioning.data.sources import open_image
 from captioning.data.synthetic import SyntheticShapes
 from captioning.inference import ImageCaptioner
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("screenshot_demo", REPO / "scripts" / "screenshot_demo.py")
-browser_tools = importlib.util.module_from_spec(_spec)  # the screenshot script's Chromium settings and helpers
-_spec.loader.exec_module(browser_tools)
+browser_tools = load_script("scripts/screenshot_demo.py")  # the screenshot script's Chromium settings and helpers
 demo = browser_tools.load_demo()
 
 

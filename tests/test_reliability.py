@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import html
-import importlib.util
 import io
 import json
 import logging
@@ -27,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from conftest import load_script, tiny_config
 from PIL import Image
 
 from captioning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -44,13 +43,6 @@ TRAIN_SCRIPT = REPO / "scripts" / "train.py"
 # the tests leave the machine's other cores alone.
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 PIL_WARNINGS = pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about corrupt EXIF, by design
-
-
-def _load_script(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _progress(path: Path) -> dict:
@@ -621,7 +613,7 @@ def test_open_image_reads_the_well_formed_oddities_as_rgb(malformed):
 def demo_handler(trained_checkpoint):
     """(demo module, its captioner) when the demo's upload handler can be imported."""
     pytest.importorskip("gradio")
-    demo = _load_script("demo_app_reliability", REPO / "demo" / "app.py")
+    demo = load_script("demo/app.py")
     if not hasattr(demo, "describe_photo"):
         pytest.skip("demo/app.py has no describe_photo handler")
     from captioning.inference import ImageCaptioner
@@ -714,7 +706,7 @@ def test_train_script_rejects_a_bad_key_without_a_traceback(tmp_path):
 
 def _main_fails_cleanly(tmp_path: Path, argv: list[str]) -> str:
     """scripts/train.py's main() on `argv` -> its one-line exit message (SystemExit, not a traceback)."""
-    script = _load_script("train_script_reliability", TRAIN_SCRIPT)
+    script = load_script("scripts/train.py")
     with pytest.raises(SystemExit) as info:
         script.main(script.get_args_parser().parse_args(argv))
     assert isinstance(info.value.code, str) and "\n" not in info.value.code, info.value.code

@@ -3,7 +3,6 @@ data."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import load_script
 
 from captioning.config import ModelConfig
 
@@ -25,14 +25,8 @@ TINY = {
 }
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script, evaluate_script, caption_script = _load_script("train"), _load_script("evaluate"), _load_script("caption")
+train_script, evaluate_script = load_script("scripts/train.py"), load_script("scripts/evaluate.py")
+caption_script = load_script("scripts/caption.py")
 
 
 def _script(name: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess:

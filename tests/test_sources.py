@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import struct
@@ -213,28 +212,6 @@ def test_flickr8k_image_dir_and_errors(make_flickr8k, tmp_path):
     token.unlink()
     with pytest.raises(FileNotFoundError, match=r"Flickr8k\.token\.txt.*root="):
         flickr8k_source(root, "train", image_dir=root / "images")
-
-
-def test_check_data_script(make_coco, make_flickr8k, tmp_path, capsys):
-    """scripts/check_data.py on generated files laid out like the project's shared data folder."""
-    spec = importlib.util.spec_from_file_location("check_data", Path(__file__).parents[1] / "scripts" / "check_data.py")
-    check_data = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check_data)
-    for split in ("train", "val"):
-        make_coco(tmp_path, split=split, n_images=3)
-    make_flickr8k(tmp_path, image_dir="images")
-    (tmp_path / "flickr8k" / "images" / "bad.jpg").write_bytes(b"not a jpeg")
-    with open(tmp_path / "flickr8k" / "Flickr_8k.devImages.txt", "a") as f:
-        f.write("bad.jpg\n")
-    with open(tmp_path / "flickr8k" / "Flickr8k.token.txt", "a") as f:
-        f.write("bad.jpg#0\tA broken file .\n")
-
-    args = check_data.get_args_parser().parse_args(["--data-root", str(tmp_path), "--coco-dir", "coco"])
-    assert check_data.main(args) == 1
-    out = capsys.readouterr().out
-    assert "coco2017/val: 3 images, 16 captions" in out and "flickr8k/train: 4 images, 20 captions" in out
-    assert "bad.jpg: not an image" in out
-    assert out.strip().splitlines()[-1].startswith("check_data: 4/4 splits loaded, 13 images, 63 captions, 12/13")
 
 
 # ---------------------------------------------------------------- open_image
