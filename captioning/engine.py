@@ -96,12 +96,23 @@ def keep_freed_memory() -> bool:
     return bool(GLIBC.mallopt(M_MMAP_MAX, 0)) and bool(GLIBC.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
-def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (bf16 where supported, else fp16); does nothing on other devices."""
-    if device.type != "cuda" or not enabled:
+def autocast(device: torch.device, enabled: bool = True, cpu_bf16: bool = False) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA (bf16 where supported, else fp16); on a CPU bf16 only when asked (`cpu_bf16`, see
+    check_cpu_bf16), as it pays only where the CPU has bf16 matrix units and moves some captions by a word."""
+    if not enabled or device.type not in ("cuda", "cpu") or (device.type == "cpu" and not cpu_bf16):
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def check_cpu_bf16(device: torch.device) -> None:
+    """A ConfigError unless `device` is a CPU with bf16 matrix units (Intel AMX, AVX512-BF16), where bf16 matrix
+    products are 2-7x faster than fp32; elsewhere bf16 is emulated and slower, and a GPU runs mixed precision anyway."""
+    if device.type != "cpu":
+        raise ConfigError(f"--bf16 is for CPUs; on {device} the model already runs in mixed precision")
+    if not (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()):
+        raise ConfigError("--bf16: this CPU has no bf16 matrix units (Intel AMX or AVX512-BF16), so bf16 would be "
+                          "slower than fp32 here; leave --bf16 out")
 
 
 def caption_loss(logits: torch.Tensor, captions: torch.Tensor, alphas: torch.Tensor | None,
@@ -199,7 +210,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 @torch.no_grad()
 def predict(model: Captioner, loader, device: torch.device, beam_size: int = 1, max_len: int = 20,
             length_penalty: float = 0.0, amp: bool = True, desc: str = "decode",
-            should_stop: Callable[[], bool] | None = None, no_repeat_ngram: int = 3) -> dict[int, str]:
+            should_stop: Callable[[], bool] | None = None, no_repeat_ngram: int = 3,
+            cpu_bf16: bool = False) -> dict[int, str]:
     """Decode every image of `loader` (items carry dataset indices) -> {index: caption}. Under torchrun each rank
     decodes its shard and the results are gathered on every rank. `should_stop` is asked before every batch; once it
     returns True (a signal arrived) decoding ends, with the captions of the images decoded so far."""
@@ -210,7 +222,7 @@ def predict(model: Captioner, loader, device: torch.device, beam_size: int = 1, 
             break
         if not batch:
             continue
-        with autocast(device, amp):
+        with autocast(device, amp, cpu_bf16):
             grid, pooled = model.encode(batch["inputs"].to(device, non_blocking=True))
             hyps = decode(model.decoder, grid, pooled, beam_size, max_len, length_penalty,
                           no_repeat_ngram=no_repeat_ngram)
@@ -224,10 +236,10 @@ def predict(model: Captioner, loader, device: torch.device, beam_size: int = 1, 
 
 def evaluate(model: Captioner, loader, references: list[list[str]], device: torch.device, beam_size: int = 1,
              max_len: int = 20, length_penalty: float = 0.0, amp: bool = True, meteor: bool = False,
-             no_repeat_ngram: int = 3) -> tuple[dict, dict[int, str]]:
+             no_repeat_ngram: int = 3, cpu_bf16: bool = False) -> tuple[dict, dict[int, str]]:
     """Decode and score against the references -> (scores, predictions). Real decoding, not teacher forcing."""
     predictions = predict(model, loader, device, beam_size, max_len, length_penalty, amp,
-                          no_repeat_ngram=no_repeat_ngram)
+                          no_repeat_ngram=no_repeat_ngram, cpu_bf16=cpu_bf16)
     if not predictions:
         raise ValueError(f"none of the {len(references)} images could be read (each is named in a warning above)")
     refs = {i: references[i] for i in predictions}

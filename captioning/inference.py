@@ -12,7 +12,7 @@ from PIL import Image
 
 from captioning.data.datasets import Preprocess
 from captioning.decoding import decode
-from captioning.engine import autocast, resolve_device
+from captioning.engine import autocast, check_cpu_bf16, resolve_device
 from captioning.models import Captioner, load_model
 from captioning.models.decoder import CaptionDecoder
 
@@ -48,14 +48,18 @@ class _Deadlined:
 
 
 class ImageCaptioner:
-    def __init__(self, model: Captioner, preprocess: Preprocess, device: torch.device):
-        self.model, self.preprocess, self.device = model.eval(), preprocess, device
+    """A trained model with its preprocessing on a device; `cpu_bf16` runs it in bf16 on a CPU (check_cpu_bf16)."""
+
+    def __init__(self, model: Captioner, preprocess: Preprocess, device: torch.device, cpu_bf16: bool = False):
+        self.model, self.preprocess, self.device, self.cpu_bf16 = model.eval(), preprocess, device, cpu_bf16
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> ImageCaptioner:
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", cpu_bf16: bool = False) -> ImageCaptioner:
         dev = resolve_device(device)
+        if cpu_bf16:
+            check_cpu_bf16(dev)
         model, cfg = load_model(path, dev)
-        return cls(model, Preprocess.for_encoder(model.encoder, cfg.data.image_size), dev)
+        return cls(model, Preprocess.for_encoder(model.encoder, cfg.data.image_size), dev, cpu_bf16)
 
     @property
     def has_attention(self) -> bool:
@@ -68,7 +72,7 @@ class ImageCaptioner:
         the work stops with TimeoutError once it is reached: checked before encoding and before every decoder step."""
         _check_deadline(deadline)
         decoder = self.model.decoder if deadline is None else _Deadlined(self.model.decoder, deadline)
-        with autocast(self.device):
+        with autocast(self.device, cpu_bf16=self.cpu_bf16):
             grid, pooled = self.model.encode(images.to(self.device, non_blocking=True))
             hyps = decode(decoder, grid, pooled, beam_size, max_len, length_penalty, n_best)
         side = math.isqrt(grid.size(1))

@@ -52,7 +52,14 @@ from captioning.batch import caption_files, expand_inputs, open_writer
 from captioning.checkpoint import save_checkpoint
 from captioning.config import Config, ConfigError, at_least, load_config
 from captioning.decoding import beam_search
-from captioning.engine import StepState, autocast, keep_freed_memory, resolve_device, train_one_epoch
+from captioning.engine import (
+    StepState,
+    autocast,
+    check_cpu_bf16,
+    keep_freed_memory,
+    resolve_device,
+    train_one_epoch,
+)
 from captioning.inference import ImageCaptioner
 from captioning.models import Captioner
 from captioning.models.decoder import build_decoder
@@ -74,6 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators for beam and latency")
     p.add_argument("--compile", action="store_true", help="gpu: also time training with train.compile=true")
+    p.add_argument("--bf16", action="store_true", help="CPU: every area in bfloat16, as caption.py --bf16 runs "
+                                                       "(needs bf16 matrix units, e.g. Intel AMX)")
     p.add_argument("--memory-child", nargs=3, metavar=("CHECKPOINT", "LIST", "OUT"), help=argparse.SUPPRESS)
     return p
 
@@ -221,7 +230,8 @@ def bench_beam(args, device: torch.device, work: Path) -> dict:
     line("one image at a time",
          f"{n_images / t_single:8.2f} images/s ({t_single:.2f} s, {work / t_single:.0f} GFLOP/s)")
     line("speed-up", f"{speedup:.1f}x (target >= 8x), the median of three rounds ({ratios[0]:.1f}-{ratios[-1]:.1f}x)")
-    line("arithmetic", f"{work:.0f} GFLOP of matrix products; a large fp32 matmul here runs at "
+    precision = "bf16" if args.bf16 else "fp32"
+    line("arithmetic", f"{work:.0f} GFLOP of matrix products; a large {precision} matmul here runs at "
                        f"{matmul_gflops(device):.0f} GFLOP/s, which bounds the batched rate")
     line("captions identical", f"{sum(same)}/{n_images}{'' if all(same) else '  <-- MISMATCH'} (largest score gap "
                                f"{gap:.1e}), mean length {np.mean([len(h[0].tokens) for h in batched]):.1f} words")
@@ -274,7 +284,8 @@ def bench_train(args, device: torch.device, work: Path) -> dict:
     cfg.train.amp = False
     torch.manual_seed(0)
     model = Captioner(cfg.model, vocabulary(VOCAB_SIZE)).to(device)
-    print(f"train: {n_images} images per step, attention decoder 512, vocabulary {VOCAB_SIZE}, Adam, fp32")
+    precision = "bf16 autocast" if args.bf16 else "fp32"
+    print(f"train: {n_images} images per step, attention decoder 512, vocabulary {VOCAB_SIZE}, Adam, {precision}")
     summary = []
     for per_image in (1, 5):
         features, images = training_batches(n_images, per_image, device)
@@ -374,7 +385,8 @@ def memory_child(args) -> None:
     checkpoint, list_file, out = args.memory_child
     start = time.perf_counter()
     caption_script.main(caption_script.get_args_parser().parse_args(
-        ["--checkpoint", checkpoint, list_file, "--out", out, "--overwrite", "--device", args.device]))
+        ["--checkpoint", checkpoint, list_file, "--out", out, "--overwrite", "--device", args.device,
+         *(["--bf16"] if args.bf16 else [])]))
     print(json.dumps({"main_kib": own_peak_rss_kib(),
                       "worker_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
                       "seconds": time.perf_counter() - start}))
@@ -392,7 +404,7 @@ def own_peak_rss_kib() -> int:
 
 def peak_rss(checkpoint: Path, list_file: Path, out: Path, args) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(checkpoint), str(list_file),
-               str(out), "--device", args.device, "--threads", str(args.threads)]
+               str(out), "--device", args.device, "--threads", str(args.threads), *(["--bf16"] if args.bf16 else [])]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"folder captioning of {list_file} failed:\n{result.stderr[-2000:]}")
@@ -548,25 +560,29 @@ BENCHMARKS = {"beam": bench_beam, "train": bench_train, "folder": bench_folder, 
 def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memory_child:
-        memory_child(args)
-        return 0
     unknown = [a for a in args.areas if a not in AREAS]
     if unknown:
         sys.exit(f"error: unknown area {unknown}; choose from {', '.join(AREAS)}")
     try:
         device = resolve_device(args.device)
+        if args.bf16:
+            check_cpu_bf16(device)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    if args.memory_child:
+        memory_child(args)
+        return 0
     load = "n/a" if not hasattr(os, "getloadavg") else f"{os.getloadavg()[0]:.1f}"
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {os.cpu_count()} CPUs, "
-          f"load average {load}{', quick sizes' if args.quick else ''}")
+          f"load average {load}{', quick sizes' if args.quick else ''}{', bf16' if args.bf16 else ''}")
     results = []
     with tempfile.TemporaryDirectory(prefix="captioning-benchmark-") as tmp:
         for area in sorted(dict.fromkeys(args.areas), key=lambda a: a == "train"):  # as given, each once, train last
             print()
-            results.append(BENCHMARKS[area](args, device, Path(tmp)))
-    print(f"\nsummary ({device}, {torch.get_num_threads()} threads{', quick' if args.quick else ''}): "
+            with autocast(device, cpu_bf16=args.bf16):  # inner autocasts are off on a CPU: this one holds
+                results.append(BENCHMARKS[area](args, device, Path(tmp)))
+    print(f"\nsummary ({device}, {torch.get_num_threads()} threads{', quick' if args.quick else ''}"
+          f"{', bf16' if args.bf16 else ''}): "
           + ", ".join(r["summary"] for r in results))
     return 0 if all(r["ok"] for r in results) else 1
 

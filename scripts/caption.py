@@ -42,6 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=at_least(1), default=DEFAULT_MAX_PIXELS,
                    help="refuse larger images (decompression bombs); raise it only for trusted files")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--bf16", action="store_true",
+                   help="run the model in bfloat16 on a CPU with bf16 matrix units (Intel AMX, Xeon 4th generation "
+                        "and later): 2-3x faster, a few captions change by a word")
     return p
 
 
@@ -57,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     unreadable = []
     try:
         paths = list(expand_inputs(args.inputs, not args.flat, on_error=unreadable.append))
-        captioner = ImageCaptioner.from_checkpoint(args.checkpoint, args.device)
+        captioner = ImageCaptioner.from_checkpoint(args.checkpoint, args.device, args.bf16)
         if args.attention_dir and not captioner.has_attention:
             raise ValueError(f"--attention-dir needs a model with attention; {args.checkpoint} has none")
         writer = open_writer(out, fmt, args.n_best, args.overwrite)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from captioning.checkpoint import CheckpointError
 from captioning.config import ConfigError, at_least, load_config
 from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, build_source, collate_eval
-from captioning.engine import evaluate, resolve_device
+from captioning.engine import check_cpu_bf16, evaluate, resolve_device
 from captioning.models import load_model
 
 
@@ -43,6 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=at_least(1), default=32)
     p.add_argument("--num-workers", type=at_least(0), default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--bf16", action="store_true",
+                   help="score the model run in bfloat16 on a CPU with bf16 matrix units (Intel AMX), as "
+                        "caption.py --bf16 runs it")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (the slowest metric; needs Java)")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override the checkpoint's data settings, e.g. data.root=/elsewhere/coco")
@@ -53,6 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict:
     try:
         device = resolve_device(args.device)
+        if args.bf16:
+            check_cpu_bf16(device)
         model, cfg = load_model(args.checkpoint, device)
         ignored = [item for item in args.set if not item.startswith("data.")]
         if ignored:
@@ -72,7 +77,7 @@ def main(args: argparse.Namespace) -> dict:
     try:
         scores, predictions = evaluate(model, loader, [s.captions for s in source.samples], device, args.beam_size,
                                        args.max_len, args.length_penalty, meteor=not args.no_meteor,
-                                       no_repeat_ngram=args.no_repeat_ngram)
+                                       no_repeat_ngram=args.no_repeat_ngram, cpu_bf16=args.bf16)
     except ValueError as e:  # no image of the split could be read
         sys.exit(f"error: {args.split} split: {e}")
     out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +86,7 @@ def main(args: argparse.Namespace) -> dict:
     unreadable = len(source) - len(results)
     report = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(results),
               "unreadable_images": unreadable, "beam_size": args.beam_size, "max_len": args.max_len,
-              "length_penalty": args.length_penalty, "no_repeat_ngram": args.no_repeat_ngram,
+              "length_penalty": args.length_penalty, "no_repeat_ngram": args.no_repeat_ngram, "bf16": args.bf16,
               "data": cfg.to_dict()["data"], **scores}
     (out / f"scores_{args.split}.json").write_text(json.dumps(report, indent=2))
     names = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]

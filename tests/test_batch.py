@@ -19,8 +19,11 @@ from conftest import load_script
 from PIL import Image
 
 from captioning.batch import attention_file, coco_image_id, expand_inputs
+from captioning.config import ConfigError
 from captioning.data import sources
+from captioning.engine import check_cpu_bf16
 from captioning.inference import ImageCaptioner
+from captioning.models import Captioner
 
 REPO = Path(__file__).resolve().parents[1]
 caption_script = load_script("scripts/caption.py")
@@ -354,3 +357,36 @@ def test_a_pixel_limit_above_pillows_own_is_honoured(tmp_path, monkeypatch):
         sources.open_image(tmp_path / "big.png")
     with pytest.raises(sources.BadImageError, match="truncated or corrupt"):  # opened; its pixel data is missing
         sources.open_image(tmp_path / "big.png", max_pixels=200_000_000)
+
+
+def _bf16_units(monkeypatch, present: bool) -> None:
+    """Make this CPU report bf16 matrix units or none (bf16 runs everywhere, only slowly without them)."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: present)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: present)
+
+
+def test_bf16_runs_the_model_in_bfloat16_and_captions_every_image(tree, trained_checkpoint, tmp_path, monkeypatch):
+    _bf16_units(monkeypatch, True)
+    encode, grid_dtypes = Captioner.encode, set()
+
+    def recording_encode(self, images):
+        grid, pooled = encode(self, images)
+        grid_dtypes.add(grid.dtype)
+        return grid, pooled
+
+    monkeypatch.setattr(Captioner, "encode", recording_encode)
+    for flags, name, dtype in [([], "fp32.jsonl", torch.float32), (["--bf16"], "bf16.jsonl", torch.bfloat16)]:
+        grid_dtypes.clear()
+        assert run(trained_checkpoint, str(tree["photos"]), "--out", str(tmp_path / name), *flags) == 0
+        assert grid_dtypes == {dtype}
+    fp32, bf16 = read_jsonl(tmp_path / "fp32.jsonl"), read_jsonl(tmp_path / "bf16.jsonl")
+    assert sorted(r["path"] for r in bf16) == sorted(r["path"] for r in fp32) == sorted(tree["good"])
+    assert all(isinstance(r["caption"], str) and r["caption"] and isinstance(r["score"], float) for r in bf16)
+
+
+def test_bf16_is_refused_where_it_would_be_slower_or_is_already_on(tree, trained_checkpoint, monkeypatch):
+    _bf16_units(monkeypatch, False)
+    with pytest.raises(SystemExit, match="this CPU has no bf16 matrix units"):
+        run(trained_checkpoint, str(tree["photos"]), "--bf16", "--device", "cpu")
+    with pytest.raises(ConfigError, match="already runs in mixed precision"):
+        check_cpu_bf16(torch.device("cuda"))

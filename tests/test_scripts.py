@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import load_script
 
+from captioning import engine
 from captioning.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,3 +248,16 @@ def test_extract_features_script_caches_each_split_once_and_refuses_what_trainin
                            ([f"data.feature_cache={cache}", "model.trainable_layers=1"], "needs a frozen encoder")]:
         _assert_clean_error(_script("extract_features.py", "--config", config, "--set", *flags, cwd=tmp_path),
                             message)
+
+
+def test_evaluate_script_scores_the_model_run_in_bf16(synthetic_run, tmp_path, monkeypatch):
+    run, _ = synthetic_run
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # bf16 runs on any CPU, only slowly
+    decoded = []
+    predict = engine.predict
+    monkeypatch.setattr(engine, "predict", lambda *a, **k: decoded.append(k["cpu_bf16"]) or predict(*a, **k))
+    argv = ["--checkpoint", str(run / "best.pt"), "--split", "test", "--no-meteor", "--num-workers", "0",
+            "--device", "cpu", "--bf16", "--out", str(tmp_path)]
+    report = evaluate_script.main(evaluate_script.get_args_parser().parse_args(argv))
+    assert decoded == [True] and report["bf16"] is True
+    assert report["images"] == TINY["data"]["num_test"] and 0.0 <= report["Bleu_4"] <= 1.0
