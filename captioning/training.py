@@ -211,7 +211,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     else:  # rank 0 builds it; every rank uses the same one
         vocab = broadcast_object(build_vocab(train_src, cfg.data.min_word_count) if is_main() else None)
     model = Captioner(cfg.model, vocab, None if state else cfg.model.encoder_weights)
-    if state is None and cfg.model.word_vectors:
+    if state is not None:  # before the feature cache is checked against the encoder's weights
+        model.load_state_dict(state["model"])
+    elif cfg.model.word_vectors:
         found = load_word_vectors(model.decoder.embed, cfg.model.word_vectors, vocab)
         log.info("word vectors: %d of %d vocabulary words found in %s", found, len(vocab), cfg.model.word_vectors)
     model.to(device)
@@ -239,7 +241,6 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     best = {"score": float("-inf"), "epoch": -1, "bad_epochs": 0}
     average: dict[str, Any] = {"epochs": [], "model": {}}  # weights of the epochs in the averaging window
     if state is not None:
-        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])

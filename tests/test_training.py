@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from conftest import tiny_config
 from torch.utils.data import DataLoader
 
@@ -224,6 +225,23 @@ def test_resume_at_an_epoch_boundary_continues_the_run_exactly(tmp_path):
     _assert_same_weights(straight / "last.pt", resumed / "last.pt")
     assert _metrics(straight) == _metrics(resumed)
     assert load_checkpoint(resumed / "last.pt")["progress"]["global_step"] == 4
+
+
+def test_a_run_with_pretrained_encoder_weights_and_a_feature_cache_resumes_on_its_cache(tmp_path):
+    """A resumed run rebuilds the encoder without its pretrained weights; the checkpoint's weights must be in place
+    before the cache is checked against them, or the cache is refused (and one re-extracted would be of random
+    weights)."""
+    torch.manual_seed(123)  # weights that no run with train.seed 0 draws
+    weights = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    settings = {**_CACHED, "data.feature_cache": str(tmp_path / "features"), "model.encoder_weights": str(weights),
+                "train.lr_schedule": "constant"}
+    straight = train(_small(tmp_path / "straight", **{**settings, "train.epochs": 2}))
+    made = (tmp_path / "features" / "train.npy").stat().st_mtime_ns
+    first = train(_small(tmp_path / "resumed", **{**settings, "train.epochs": 1}))
+    resumed = train(_small(tmp_path / "resumed", **{**settings, "train.epochs": 2}), resume=first / "last.pt")
+    assert (tmp_path / "features" / "train.npy").stat().st_mtime_ns == made  # used by all three, never re-made
+    _assert_same_weights(straight / "last.pt", resumed / "last.pt")
 
 
 _MID_EPOCH = {"data.num_train": 32, "train.epochs": 2, "train.save_every_steps": 2, "model.dropout": 0.3,
