@@ -4,7 +4,8 @@
     python scripts/extract_features.py --config configs/coco_attention.yaml --splits train val --set data.root=...
 
 The cache goes to the config's data.feature_cache folder; train.py then reads it instead of running the encoder. A
-split already cached with the same settings is kept, so a stopped extraction goes on where it stopped.
+split already cached with the same settings is kept, so a stopped extraction goes on where it stopped; one made with
+other settings is refused, as train.py refuses it, unless --overwrite replaces it.
 """
 
 import argparse
@@ -25,6 +26,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
     p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val", "test"])
+    p.add_argument("--overwrite", action="store_true", help="replace a split's cache made with other settings")
     p.add_argument("--batch-size", type=at_least(1),
                    help="images per encoder forward (default: 64 on a GPU, 8 on a CPU)")
     return p
@@ -51,8 +53,12 @@ def main(args: argparse.Namespace) -> None:
         record = cache_record(cfg, encoder, preprocess, source)
         try:
             FeatureLoader(folder, split, record)
-        except (FileNotFoundError, ValueError):  # none yet, or made with other settings: (re)extract
+        except FileNotFoundError:  # none yet
             pass
+        except ValueError as e:  # made with other settings, or its record is damaged
+            if not args.overwrite:
+                sys.exit(f"error: {e}; or pass --overwrite to replace it")
+            print(f"{split}: replacing the cache in {folder}, which was made with other settings")
         else:
             print(f"{split}: already cached in {folder} with these settings; kept")
             continue

@@ -243,6 +243,15 @@ def test_extract_features_script_caches_each_split_once_and_refuses_what_trainin
     assert run.returncode == 0, run.stderr[-3000:]
     assert (cache / "train.npy").stat().st_mtime_ns == made
 
+    other = ["--set", f"data.feature_cache={cache}", "data.image_size=48"]
+    _assert_clean_error(_script("extract_features.py", "--config", config, *other, cwd=tmp_path),
+                        "was made with other settings", "'image_size': (32, 48)", "pass --overwrite to replace it")
+    assert (cache / "train.npy").stat().st_mtime_ns == made  # refused: the cache is untouched
+    replaced = _script("extract_features.py", "--config", config, *other, "--overwrite", cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert "train: replacing the cache" in replaced.stdout
+    assert json.loads((cache / "train.json").read_text())["image_size"] == 48
+
     (tmp_path / "a_file").write_text("")
     for flags, message in [([f"data.feature_cache={tmp_path / 'a_file'}"], "is a file; name a folder"),
                            ([f"data.feature_cache={cache}", "model.trainable_layers=1"], "needs a frozen encoder")]:

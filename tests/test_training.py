@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from captioning import engine, training
 from captioning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from captioning.config import Config, ConfigError, ModelConfig, load_config
 from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, build_source, build_vocab, collate_eval
-from captioning.data.features import cache_record, extract_features
+from captioning.data.features import FeatureLoader, cache_record, extract_features
 from captioning.decoding import decode, rollout
 from captioning.engine import caption_loss, evaluate, self_critical_loss
 from captioning.metrics import bleu, score_captions
@@ -355,6 +356,13 @@ def test_feature_cache_made_with_other_settings_is_refused(tmp_path, feature_cac
         train(cfg)
     assert "delete the folder" in str(info.value)
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_damaged_feature_cache_record_is_refused_naming_it(tmp_path, feature_cache):
+    shutil.copytree(feature_cache, tmp_path / "features")
+    (tmp_path / "features" / "train.json").write_text('{"encoder": "res')  # cut short
+    with pytest.raises(ConfigError, match=r"train\.json is damaged .*delete the folder"):
+        FeatureLoader(tmp_path / "features", "train", {})
 
 
 def test_feature_cache_needs_a_frozen_encoder(tmp_path):

@@ -103,7 +103,11 @@ class FeatureLoader:
         if not meta_path.is_file() or not array_path.is_file():
             raise FileNotFoundError(f"no feature cache for split '{split}' in {folder}; make it with "
                                     f"scripts/extract_features.py (train.py does this when data.feature_cache is set)")
-        stored = json.loads(meta_path.read_text())
+        try:
+            stored = json.loads(meta_path.read_text())
+        except ValueError as e:  # cut short or overwritten by something else
+            raise ConfigError(f"feature cache record {meta_path} is damaged ({e}); delete the folder or point "
+                              "data.feature_cache elsewhere to re-extract") from None
         self.unreadable = set(stored.pop("unreadable", []))  # images the extraction could not read
         if stored != record:
             diff = {k: (stored.get(k), v) for k, v in record.items() if stored.get(k) != v}
