@@ -167,10 +167,14 @@ def _check_resumable(cfg: Config, state: dict[str, Any], resume: str | Path, out
         raise ConfigError(f"{resume}: {', '.join(changed)}: a resumed run continues its optimizer, schedule and "
                           "batches, so these keys cannot change; resume without them, or start a new run")
     done, t = state["progress"]["epoch"], cfg.train
+    if done > old["train"]["epochs"] and t.epochs != old["train"]["epochs"]:
+        raise ConfigError(f"{resume}: train.epochs {old['train']['epochs']} -> {t.epochs}, but the run has begun its "
+                          "self-critical epochs, which follow the train.epochs cross-entropy ones; train longer with "
+                          f"--set train.scst_epochs={t.scst_epochs + 2} instead")
     if done >= t.epochs + t.scst_epochs:
+        more = f"train.scst_epochs={t.scst_epochs + 2}" if t.scst_epochs else f"train.epochs={t.epochs + 5}"
         raise ConfigError(f"{resume} has trained all {done} epochs of its run (train.epochs {t.epochs} + "
-                          f"train.scst_epochs {t.scst_epochs}); to train on, raise them, e.g. --set "
-                          f"train.epochs={t.epochs + 5}")
+                          f"train.scst_epochs {t.scst_epochs}); to train on, raise them, e.g. --set {more}")
     if out_dir.resolve() != Path(resume).resolve().parent and (out_dir / "last.pt").exists():
         raise FileExistsError(f"{out_dir} holds another run (last.pt); resume into the checkpoint's own folder, "
                               "or choose an empty one with --set train.out_dir=...")

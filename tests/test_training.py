@@ -455,6 +455,18 @@ def test_self_critical_epochs_follow_cross_entropy_at_their_own_learning_rate(tm
     assert state["progress"]["global_step"] == 8 and float(state["optimizer"]["state"][0]["step"]) == 8
 
 
+def test_a_run_in_its_self_critical_epochs_trains_longer_only_through_train_scst_epochs(tmp_path):
+    run = train(_small(tmp_path / "run", **_SCST))
+    with pytest.raises(ConfigError, match=r"has trained all 2 epochs.*--set train\.scst_epochs=3"):
+        train(_small(run, **_SCST), resume=run / "last.pt")
+    # its config would then call epoch 1, already trained self-critically, a cross-entropy epoch
+    with pytest.raises(ConfigError, match=r"train\.epochs 1 -> 2, but the run has begun its self-critical epochs"):
+        train(_small(run, **{**_SCST, "train.epochs": 2}), resume=run / "last.pt")
+    train(_small(run, **{**_SCST, "train.scst_epochs": 2}), resume=run / "last.pt")
+    rows = _metrics(run)
+    assert [row["epoch"] for row in rows] == [0, 1, 2] and "train_reward" in rows[2]
+
+
 def test_early_stop_in_cross_entropy_moves_on_to_self_critical_training(tmp_path, monkeypatch, capsys):
     flat = {"Bleu_1": 0.1, "Bleu_2": 0.1, "Bleu_3": 0.1, "Bleu_4": 0.1, "ROUGE_L": 0.1, "CIDEr": 0.1}
     monkeypatch.setattr(training, "score_captions", lambda *args, **kwargs: dict(flat))  # never improves
