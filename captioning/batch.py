@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from captioning.data.datasets import Preprocess
 from captioning.data.sources import BadImageError, open_image
-from captioning.engine import StopFlag
+from captioning.engine import StopFlag, leave_signals_to_main
 from captioning.inference import Caption, ImageCaptioner
 from captioning.visualize import attention_figure
 
@@ -420,7 +420,8 @@ def caption_files(captioner: ImageCaptioner, paths: Iterable[str], writer: Resul
         attention_dir = Path(attention_dir)
         attention_dir.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(ImageFiles(todo, captioner.preprocess, max_pixels), batch_size, collate_fn=collate_files,
-                        num_workers=num_workers, pin_memory=captioner.device.type == "cuda")
+                        num_workers=num_workers, pin_memory=captioner.device.type == "cuda",
+                        worker_init_fn=leave_signals_to_main)
     with StopFlag() as stop, tqdm(total=len(todo), unit="img", desc="captioning", disable=not progress,
                                   dynamic_ncols=True) as bar:
         for batch in loader:

@@ -76,6 +76,15 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def leave_signals_to_main(worker_id: int) -> None:
+    """DataLoader worker_init_fn: a worker ignores SIGTERM and Ctrl-C, which the main process handles (StopFlag) and
+    then shuts its workers down. A signal sent to the whole process group (Ctrl-C in a terminal, `timeout`, SLURM's
+    scancel) would otherwise kill the workers, and the main process's next batch fail with "DataLoader worker killed"
+    before it reached its stop."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _glibc() -> ctypes.CDLL | None:
     libc = ctypes.CDLL(None) if sys.platform == "linux" else None
     return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # musl has no malloc_trim

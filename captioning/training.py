@@ -32,7 +32,15 @@ from captioning.data.datasets import (
 from captioning.data.features import FeatureLoader, cache_record, extract_features
 from captioning.data.sources import CaptionSource
 from captioning.distributed import barrier, broadcast_object, cleanup, init_distributed, is_main, local_rank
-from captioning.engine import StepState, StopFlag, keep_freed_memory, predict, resolve_device, train_one_epoch
+from captioning.engine import (
+    StepState,
+    StopFlag,
+    keep_freed_memory,
+    leave_signals_to_main,
+    predict,
+    resolve_device,
+    train_one_epoch,
+)
 from captioning.metrics import score_captions
 from captioning.models import Captioner
 from captioning.models.decoder import load_word_vectors
@@ -232,7 +240,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     val_ds = EvalDataset(val_load, len(val_src))
     val_refs = [s.captions for s in val_src.samples]
     train_sampler = EpochSampler(len(train_ds), shuffle=True, seed=cfg.train.seed, rank=rank, world_size=world)
-    loader_args = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    loader_args = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                       worker_init_fn=leave_signals_to_main)
     val_loader = DataLoader(val_ds, cfg.train.batch_size, sampler=EpochSampler(len(val_ds), False, 0, rank, world),
                             collate_fn=collate_eval, **loader_args)
     steps_per_epoch = math.ceil(len(train_sampler) / cfg.train.batch_size)

@@ -1,6 +1,6 @@
 """Caption a photo in the browser: the best caption, the n-best list with scores, and per-word attention maps.
 
-    python demo/app.py                               # the newest quick-start model (runs/quickstart/*/best.pt)
+    python demo/app.py                               # the newest quick-start model (runs/quickstart/[*/]best.pt)
     python demo/app.py --checkpoint path/to/best.pt --port 7860
     python demo/app.py --share                       # also a temporary public gradio.live link
     python demo/app.py --timeout 20                  # stop a caption that takes longer than 20 s
@@ -136,8 +136,9 @@ async def on_model_thread(fn, *args):
 
 
 def newest_checkpoint(runs: Path = REPO / "runs" / "quickstart") -> Path | None:
-    """The most recently written runs/quickstart/<timestamp>/best.pt, if any."""
-    candidates = list(runs.glob("*/best.pt"))
+    """The most recently written runs/quickstart/<timestamp>/best.pt (quickstart.sh's runs) or runs/quickstart/best.pt
+    (train.py with configs/quickstart.yaml as it is), if any."""
+    candidates = [*runs.glob("best.pt"), *runs.glob("*/best.pt")]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
@@ -306,7 +307,7 @@ def seconds(text: str) -> float:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="default: the newest runs/quickstart/*/best.pt")
+    p.add_argument("--checkpoint", help="default: the newest runs/quickstart/*/best.pt or runs/quickstart/best.pt")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves every network interface")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="create a temporary public link through gradio.live")

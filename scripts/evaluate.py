@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from captioning.checkpoint import CheckpointError
 from captioning.config import ConfigError, at_least, load_config
 from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, build_source, collate_eval
-from captioning.engine import check_cpu_bf16, evaluate, resolve_device
+from captioning.engine import check_cpu_bf16, evaluate, leave_signals_to_main, resolve_device
 from captioning.models import load_model
 
 
@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> dict:
     preprocess = Preprocess.for_encoder(model.encoder, cfg.data.image_size)
     dataset = EvalDataset(ImageLoader(source, preprocess), len(source))
     loader = DataLoader(dataset, args.batch_size, collate_fn=collate_eval, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=leave_signals_to_main)
     try:
         scores, predictions = evaluate(model, loader, [s.captions for s in source.samples], device, args.beam_size,
                                        args.max_len, args.length_penalty, meteor=not args.no_meteor,

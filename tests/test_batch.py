@@ -9,6 +9,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -210,6 +211,31 @@ def test_helpers_and_clear_errors(tree, trained_checkpoint, tmp_path):
     (tmp_path / "other.jsonl").write_text("not json\n")
     with pytest.raises(SystemExit, match="--overwrite"):
         run(trained_checkpoint, str(tree["photos"]), "--out", str(tmp_path / "other.jsonl"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_whole_process_group_stops_cleanly_after_a_written_batch(trained_checkpoint, tmp_path,
+                                                                                 signum):
+    """`timeout`, SLURM's scancel and Ctrl-C in a terminal signal the DataLoader workers too, not only the main
+    process: the workers leave the stop to it, so no worker dies under a batch it was decoding."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(600):
+        _noise(seed=i % 7).save(photos / f"{i:03d}.jpg")
+    out = tmp_path / "captions.jsonl"
+    child = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "caption.py"), "--checkpoint", str(trained_checkpoint), str(photos),
+         "--out", str(out), "--num-workers", "2", "--batch-size", "4", "--beam-size", "2", "--max-len", "8"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while child.poll() is None and not (out.exists() and out.stat().st_size):  # the workers are decoding by now
+        time.sleep(0.01)
+    os.killpg(child.pid, signum)
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr[-3000:]
+    assert f"stopped: the captions written so far are kept in {out}" in stderr
+    assert 0 < len(read_jsonl(out)) < 600
 
 
 def test_command_line_end_to_end(tree, trained_checkpoint, tmp_path):

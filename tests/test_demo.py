@@ -99,6 +99,8 @@ def test_without_a_model_the_page_says_how_to_get_one(tmp_path):
         (tmp_path / name / "best.pt").write_bytes(b"")
         os.utime(tmp_path / name / "best.pt", (time.time() - age, time.time() - age))
     assert demo.newest_checkpoint(tmp_path) == tmp_path / "20240102-000000" / "best.pt"
+    (tmp_path / "best.pt").write_bytes(b"")  # train.py --config configs/quickstart.yaml, without a timestamp
+    assert demo.newest_checkpoint(tmp_path) == tmp_path / "best.pt"
     app = demo.build_app(None)
     texts = [getattr(block, "value", None) for block in app.blocks.values()]
     assert any(isinstance(t, str) and "bash scripts/quickstart.sh" in t and "--checkpoint" in t for t in texts)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from captioning.config import Config, ConfigError
 from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, collate_eval
 from captioning.data.sources import BadImageError, CaptionSource
+from captioning.engine import leave_signals_to_main
 from captioning.models.encoder import Encoder
 
 
@@ -66,7 +67,8 @@ def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess:
     # its own generator: iterating a DataLoader draws a seed from it, and from torch's global one that would shift
     # a training run's random stream (its dropout) by whether the cache was already on disk
     loader = DataLoader(dataset, batch_size, collate_fn=collate_eval, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),
+                        worker_init_fn=leave_signals_to_main)
     dtype = np.dtype(record["dtype"])
     tmp, meta_tmp = folder / f".{split}.npy.tmp", folder / f".{split}.json.tmp"
     array, read = None, np.zeros(len(dataset), dtype=bool)
