@@ -75,8 +75,15 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint without unpickling code; a truncated, corrupt or code-carrying file is refused clearly."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; name a checkpoint in it, e.g. {path / 'best.pt'}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
+    with open(path, "rb") as f:
+        head = f.read(2)
+        if head and head not in (b"PK", b"\x80\x02"):  # torch.save's zip archive; its older pickle format
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint; name one that scripts/train.py wrote "
+                                  "(RUN/best.pt, RUN/last.pt or RUN/averaged.pt)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

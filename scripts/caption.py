@@ -60,6 +60,9 @@ def main(args: argparse.Namespace) -> int:
     unreadable = []
     try:
         paths = list(expand_inputs(args.inputs, not args.flat, on_error=unreadable.append))
+        if not paths and not unreadable:
+            raise ValueError(f"no image files in {' '.join(args.inputs)} (JPEG, PNG, WebP, ... by their extension"
+                             f"{'; --flat takes only the top level of a folder' if args.flat else ''})")
         captioner = ImageCaptioner.from_checkpoint(args.checkpoint, args.device, args.bf16)
         if args.attention_dir and not captioner.has_attention:
             raise ValueError(f"--attention-dir needs a model with attention; {args.checkpoint} has none")

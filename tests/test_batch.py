@@ -151,6 +151,14 @@ def test_sigterm_stops_after_the_batch_at_hand_and_the_run_resumes(tree, trained
     assert len(json.loads(out.read_text())) == len(tree["good"])
 
 
+def test_inputs_without_an_image_are_an_error_before_the_model_loads(trained_checkpoint, tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("no image here")
+    monkeypatch.setattr(ImageCaptioner, "from_checkpoint", None)  # never reached
+    with pytest.raises(SystemExit, match=f"error: no image files in {tmp_path / 'empty'} "):
+        run(trained_checkpoint, str(tmp_path / "empty"))
+
+
 def test_flat_leaves_out_nested_folders(tree, trained_checkpoint, tmp_path):
     out = tmp_path / "flat.jsonl"
     assert run(trained_checkpoint, str(tree["photos"]), "--flat", "--out", str(out)) == 0
