@@ -108,7 +108,7 @@ def test_missing_or_foreign_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=f"is a folder; name a checkpoint in it, e.g. {tmp_path / 'best.pt'}"):
         load_checkpoint(tmp_path)
     (tmp_path / "config.yaml").write_text("data:\n  dataset: synthetic\n")
-    with pytest.raises(CheckpointError, match="config.yaml is not a PyTorch checkpoint; name one that scripts/train"):
+    with pytest.raises(CheckpointError, match="config.yaml is not a PyTorch checkpoint, or is corrupt"):
         load_checkpoint(tmp_path / "config.yaml")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a captioning checkpoint"):
