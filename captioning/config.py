@@ -150,8 +150,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw else ""
         node = nested
         *parents, leaf = key.split(".")
-        for p in parents:
+        for depth, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):  # e.g. --set train=1 train.lr=1e-3
+                section = ".".join(parents[:depth + 1])
+                raise ConfigError(f"config key '{section}' must be a mapping of its fields, got {node!r}; set its "
+                                  f"fields one by one, e.g. {key}={raw}")
         node[leaf] = value
     return nested
 

@@ -132,7 +132,7 @@ def _input_loaders(cfg: Config, model: Captioner, preprocess: Preprocess, train_
                                  num_workers=cfg.data.num_workers)
             barrier()
         loaders.append(FeatureLoader(folder, split, record))
-    if cfg.data.augment:
+    if cfg.data.augment and is_main():
         log.info("feature cache: training images are not augmented (features are computed once)")
     return loaders[0], loaders[1]
 

@@ -66,6 +66,13 @@ def test_unknown_key_names_the_key(item, message):
         assert "train.lr" in str(info.value)  # the valid keys are listed
 
 
+@pytest.mark.parametrize("items, key", [(["train=1", "train.lr=1e-3"], "train"),
+                                        (["data.root=x", "data.root.y=1"], "data.root")])
+def test_a_key_set_both_as_a_value_and_as_a_section_names_it(items, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}' must be a mapping of its fields"):
+        load_config(None, items)
+
+
 def test_unknown_key_in_a_file_names_the_file_and_the_key(tmp_path):
     path = _yaml(tmp_path, "model:\n  hiden_dim: 64\n")
     with pytest.raises(ConfigError, match=r"run\.yaml: unknown config key 'model\.hiden_dim'"):
