@@ -263,3 +263,11 @@ def at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
         return value
     return integer
+
+
+def finite(text: str) -> float:
+    """An argparse type for a command-line number that must be finite (not nan or inf)."""
+    value = float(text)  # argparse reports "invalid finite value" when this fails
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value

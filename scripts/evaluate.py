@@ -10,7 +10,6 @@ Images that cannot be read are named in warnings, left out of the scores and cou
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -18,17 +17,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from captioning.checkpoint import CheckpointError
-from captioning.config import ConfigError, at_least, load_config
+from captioning.config import ConfigError, at_least, finite, load_config
 from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, build_source, collate_eval
 from captioning.engine import check_cpu_bf16, evaluate, leave_signals_to_main, resolve_device
 from captioning.models import load_model
-
-
-def finite(text: str) -> float:
-    value = float(text)  # argparse reports "invalid finite value" when this fails
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
