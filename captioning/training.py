@@ -256,7 +256,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without loss scaling (CPU, bf16 GPU, amp off): a new scaler calibrates
+            scaler.load_state_dict(state["scaler"])
         progress = StepState(**state["progress"])
         best = state["best"]
         average = state.get("average", average)

@@ -612,6 +612,23 @@ def test_loss_scaling_trains_the_same_weights_and_skips_overflowing_steps(tmp_pa
     assert state["scaler"]["scale"] == 2.0 ** (127 - skipped + (6 - skipped) // 2)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_a_run_saved_without_loss_scaling_resumes_with_it_and_back(tmp_path, monkeypatch):
+    """A run begun on a CPU or a bf16 GPU saves an empty scaler state; resumed on an fp16-only GPU (T4, V100) the
+    scaler starts afresh, and a run begun there goes on without scaling elsewhere."""
+    run = _small(tmp_path / "run", **{"train.epochs": 1})
+    train(run)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["scaler"] == {}
+    with monkeypatch.context() as patch:
+        _scaled(patch, 2.0 ** 16)
+        train(_small(tmp_path / "run", **{"train.epochs": 2}), resume=tmp_path / "run" / "last.pt")
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["scaler"]["scale"] == 2.0 ** 17  # 3 finite steps from the fresh scale, growing every 2nd
+    train(_small(tmp_path / "run", **{"train.epochs": 3}), resume=tmp_path / "run" / "last.pt")
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["progress"]["global_step"] == 9 and state["scaler"] == {}
+
+
 # ------------------------------------------------------------------------------------------------------- it learns
 
 def test_a_small_attention_model_learns_the_synthetic_shapes(tmp_path):
