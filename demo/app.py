@@ -5,6 +5,7 @@
     python demo/app.py --share                       # also a temporary public gradio.live link
     python demo/app.py --timeout 20                  # stop a caption that takes longer than 20 s
     python demo/app.py --forget-after 600            # forget sessions idle for 10 minutes, and files that old
+    python demo/app.py --bf16                        # bfloat16 on a CPU with bf16 matrix units (Intel AMX)
 
 Serves on 127.0.0.1 only, unless --host says otherwise; --share is the only way to a public link. Two captions are
 computed at a time and 64 more may wait; each is stopped after --timeout seconds of work, with a message on the page,
@@ -32,6 +33,7 @@ from PIL import Image
 
 from captioning.batch import describe_failure
 from captioning.checkpoint import CheckpointError
+from captioning.config import ConfigError
 from captioning.data.sources import BadImageError, open_image
 from captioning.engine import GLIBC
 from captioning.inference import ImageCaptioner
@@ -192,12 +194,15 @@ def describe_photo(captioner: ImageCaptioner | None, path: str | None, beam_size
 
 
 def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None = TIMEOUT,
-              forget_after: float = FORGET_AFTER) -> gr.Blocks:
-    """The demo page for a captioner (or the checkpoint to load one from); None shows how to get a model. A caption
-    is stopped after `timeout` seconds of work (None: never); cached files `forget_after` seconds old are deleted
-    (and, once served, sessions idle that long are forgotten)."""
+              forget_after: float = FORGET_AFTER, device: str = "auto", cpu_bf16: bool = False) -> gr.Blocks:
+    """The demo page for a captioner (or the checkpoint to load one on `device`, in bf16 on a CPU if `cpu_bf16`);
+    None shows how to get a model. A caption is stopped after `timeout` seconds of work (None: never); cached files
+    `forget_after` seconds old are deleted (and, once served, sessions idle that long are forgotten)."""
     one_malloc_heap()  # before the model loads: its threads would make heaps of their own
-    captioner = ImageCaptioner.from_checkpoint(model) if isinstance(model, (str, Path)) else model
+    if isinstance(model, (str, Path)):
+        captioner = ImageCaptioner.from_checkpoint(model, device, cpu_bf16)
+    else:
+        captioner = model
     with gr.Blocks(title="Image captioning demo", analytics_enabled=False,
                    delete_cache=(min(SWEEP_EVERY, forget_after), forget_after)) as app:
         gr.Markdown("# Image captioning\nA CNN encoder looks at the photo and an LSTM decoder writes a caption word "
@@ -293,8 +298,13 @@ def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, shar
     MAX_FILE_SIZE, STATE_SESSIONS sessions kept, and forgotten on the schedule its cached files are deleted; its
     theme and style."""
     app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE, theme=THEME, css=CSS,
-               state_session_capacity=STATE_SESSIONS, prevent_thread_lock=prevent_thread_lock,
+               state_session_capacity=STATE_SESSIONS, prevent_thread_lock=True, quiet=True,
                app_kwargs={"lifespan": session_sweeper(*app.delete_cache)})
+    # quiet: Gradio's own advice names its launch() arguments; a public link still prints its address
+    print(f"Serving the demo on {app.local_url}" + ("" if share else " (--share adds a temporary public link)"),
+          flush=True)
+    if not prevent_thread_lock:
+        app.block_thread()
 
 
 def seconds(text: str) -> float:
@@ -315,6 +325,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="seconds of work one caption may take before it is stopped with a message on the page")
     p.add_argument("--forget-after", type=seconds, default=FORGET_AFTER,
                    help="seconds after which idle sessions and cached uploads and results are forgotten")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--bf16", action="store_true",
+                   help="run the model in bfloat16 on a CPU with bf16 matrix units (Intel AMX): faster, a few "
+                        "captions change by a word")
     return p
 
 
@@ -323,8 +337,8 @@ def main(args: argparse.Namespace) -> None:
     if checkpoint is None:
         print(f"warning: {NO_MODEL}")
     try:
-        app = build_app(checkpoint, args.timeout, args.forget_after)
-    except CheckpointError as e:
+        app = build_app(checkpoint, args.timeout, args.forget_after, args.device, args.bf16)
+    except (CheckpointError, ConfigError) as e:
         raise SystemExit(f"error: {e}") from None
     try:
         serve(app, args.host, args.port, args.share)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import load_script
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
@@ -143,6 +144,19 @@ def test_times_must_be_positive_numbers_of_seconds(flag, value, capsys):
     assert "not a positive number of seconds" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--device", "gpu0"], "error: unknown device 'gpu0'"),
+    (["--device", "cpu", "--bf16"], "error: --bf16: this CPU has no bf16 matrix units"),
+])
+def test_device_and_bf16_reach_the_model_and_bad_ones_are_one_line_errors(trained_checkpoint, monkeypatch, flags,
+                                                                           message):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(demo, "serve", lambda *args: pytest.fail("served a demo it could not load"))
+    with pytest.raises(SystemExit, match=message):
+        demo.main(demo.get_args_parser().parse_args(["--checkpoint", str(trained_checkpoint), *flags]))
+
+
 @pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own event statistics, under pandas 3
 def test_only_the_newest_request_of_a_page_answers_it(captioner, monkeypatch):
     """A slow caption that finishes after the page asked for another one changes nothing on the page."""
@@ -177,13 +191,16 @@ def test_only_the_newest_request_of_a_page_answers_it(captioner, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own event statistics, under pandas 3
-def test_a_served_demo_forgets_a_session_once_idle(captioner):
+def test_a_served_demo_forgets_a_session_once_idle(captioner, capsys):
     """Gradio itself keeps a session's record until newer sessions push it out; the served demo drops it."""
     from gradio_client import Client, handle_file
 
     app = demo.build_app(captioner, forget_after=2)
     port = browser_tools.free_port()
     demo.serve(app, port=port, prevent_thread_lock=True)
+    printed = capsys.readouterr().out
+    assert f"Serving the demo on http://127.0.0.1:{port}/ (--share adds a temporary public link)" in printed
+    assert "share=True" not in printed  # Gradio's advice names its launch() argument, not the demo's --share
     client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False, analytics_enabled=False)
     try:
         client.predict(handle_file(str(demo.EXAMPLES[0])), api_name="/upload")
