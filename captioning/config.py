@@ -74,7 +74,8 @@ class TrainConfig:
     scst_lr: float = 5e-5  # constant learning rate of the self-critical epochs
     scst_samples: int = 5  # captions sampled per image; each one's baseline is the mean reward of the others
     scst_bleu_weight: float = 0.0  # the self-critical reward is CIDEr-D + this x the sample's sentence BLEU-4
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a scaler); ignored on CPU
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a scaler); on a CPU see cpu_bf16
+    cpu_bf16: bool = False  # with amp: bf16 on a CPU with bf16 matrix units (Intel AMX), refused on other CPUs
     compile: bool = False  # torch.compile the decoder's one-word step
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = 0

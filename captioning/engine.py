@@ -114,14 +114,15 @@ def autocast(device: torch.device, enabled: bool = True, cpu_bf16: bool = False)
     return torch.autocast(device.type, dtype=dtype)
 
 
-def check_cpu_bf16(device: torch.device) -> None:
-    """A ConfigError unless `device` is a CPU with bf16 matrix units (Intel AMX, AVX512-BF16), where bf16 matrix
-    products are 2-7x faster than fp32; elsewhere bf16 is emulated and slower, and a GPU runs mixed precision anyway."""
+def check_cpu_bf16(device: torch.device, option: str = "--bf16") -> None:
+    """A ConfigError, naming `option`, unless `device` is a CPU with bf16 matrix units (Intel AMX, AVX512-BF16), where
+    bf16 matrix products are 2-7x faster than fp32; elsewhere bf16 is emulated and slower, and a GPU runs mixed
+    precision anyway."""
     if device.type != "cpu":
-        raise ConfigError(f"--bf16 is for CPUs; on {device} the model already runs in mixed precision")
+        raise ConfigError(f"{option} is for CPUs; on {device} the model already runs in mixed precision")
     if not (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()):
-        raise ConfigError("--bf16: this CPU has no bf16 matrix units (Intel AMX or AVX512-BF16), so bf16 would be "
-                          "slower than fp32 here; leave --bf16 out")
+        raise ConfigError(f"{option}: this CPU has no bf16 matrix units (Intel AMX or AVX512-BF16), so bf16 would be "
+                          f"slower than fp32 here; leave {option} out")
 
 
 def caption_loss(logits: torch.Tensor, captions: torch.Tensor, alphas: torch.Tensor | None,
@@ -183,7 +184,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         captions = batch["captions"].to(device, non_blocking=True)
         image_index = batch["image_index"].to(device, non_blocking=True)
         sample_prob = cfg.scheduled_sampling * min(1.0, progress.global_step / max(1, total_steps))
-        with autocast(device, cfg.amp):
+        with autocast(device, cfg.amp, cfg.cpu_bf16):
             if rewards is None:
                 logits, alphas = model(inputs, captions, image_index, sample_prob)
                 loss = caption_loss(logits, captions, alphas, cfg.label_smoothing, cfg.attention_penalty)

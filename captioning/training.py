@@ -35,6 +35,7 @@ from captioning.distributed import barrier, broadcast_object, cleanup, init_dist
 from captioning.engine import (
     StepState,
     StopFlag,
+    check_cpu_bf16,
     keep_freed_memory,
     leave_signals_to_main,
     predict,
@@ -142,7 +143,7 @@ def _save_average(model: Captioner, average: dict[str, Any], cfg: Config, vocab:
     """Validate the averaged weights as every epoch is validated, and write them as a model checkpoint."""
     model.load_state_dict(average["model"])
     predictions = predict(model, val_loader, device, cfg.train.val_beam_size, cfg.train.max_decode_len,
-                          amp=cfg.train.amp)
+                          amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16)
     scores = score_captions({i: val_refs[i] for i in predictions}, predictions, meteor=False)
     if is_main():
         save_checkpoint({"config": cfg.to_dict(), "vocab": vocab.to_dict(), "model": average["model"],
@@ -206,6 +207,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     device = resolve_device(cfg.train.device)
     if device.type == "cpu":
         keep_freed_memory()
+        if cfg.train.amp and cfg.train.cpu_bf16:
+            check_cpu_bf16(device, "train.cpu_bf16")
     rank, world = init_distributed(device)
     out_dir = Path(cfg.train.out_dir)
     state = load_checkpoint(resume) if resume else None
@@ -317,7 +320,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                             stop.signal, progress.epoch + 1, progress.step_in_epoch, out_dir / "last.pt")
                 raise SystemExit(128 + stop.signal)
             predictions = predict(model, val_loader, device, cfg.train.val_beam_size, cfg.train.max_decode_len,
-                                  amp=cfg.train.amp, should_stop=lambda: stop.signal is not None)
+                                  amp=cfg.train.amp, should_stop=lambda: stop.signal is not None,
+                                  cpu_bf16=cfg.train.cpu_bf16)
             if stop.signal is not None:
                 # The epoch's training is done and its validation is not: that is the state saved, so --resume
                 # trains no more of this epoch and validates it from the start.

@@ -629,6 +629,33 @@ def test_a_run_saved_without_loss_scaling_resumes_with_it_and_back(tmp_path, mon
     assert state["progress"]["global_step"] == 9 and state["scaler"] == {}
 
 
+def _bf16_units(monkeypatch, present: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: present)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: present)
+
+
+def test_cpu_bf16_trains_in_bf16_and_is_refused_without_bf16_units(tmp_path, monkeypatch):
+    dtypes = []
+
+    def recording_loss(logits, *args, **kwargs):
+        dtypes.append(logits.dtype)
+        return caption_loss(logits, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "caption_loss", recording_loss)
+    train(_small(tmp_path / "fp32"))
+    _bf16_units(monkeypatch, True)  # emulated where the units are missing: slow, but the same numbers
+    run = train(_small(tmp_path / "bf16", **{"train.cpu_bf16": True}))
+    assert dtypes == [torch.float32] * 3 + [torch.bfloat16] * 3  # 3 steps each
+    assert _metrics(run)[0]["train_loss"] > 0
+    assert all(torch.isfinite(v).all() for v in _weights(run / "last.pt").values() if v.is_floating_point())
+    assert all(v.dtype != torch.bfloat16 for v in _weights(run / "last.pt").values())  # fp32 weights, as with amp
+
+    _bf16_units(monkeypatch, False)
+    with pytest.raises(ConfigError, match="train.cpu_bf16: this CPU has no bf16 matrix units"):
+        train(_small(tmp_path / "refused", **{"train.cpu_bf16": True}))
+    assert not (tmp_path / "refused").exists()  # refused before any work
+
+
 # ------------------------------------------------------------------------------------------------------- it learns
 
 def test_a_small_attention_model_learns_the_synthetic_shapes(tmp_path):
