@@ -345,6 +345,10 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             window = total_epochs - cfg.train.average_epochs  # the first epoch whose weights are averaged
             if progress.epoch >= window:
                 if average["epochs"] and average["epochs"][0] < window:  # a finished run resumed with more epochs
+                    if is_main():
+                        log.info("averaged.pt starts afresh at epoch %d: the mean kept of epochs %s cannot drop "
+                                 "those now before the last %d", progress.epoch + 1,
+                                 ", ".join(str(e + 1) for e in average["epochs"]), cfg.train.average_epochs)
                     average = {"epochs": [], "model": {}}
                 _add_to_average(average, model, progress.epoch)
             patience = cfg.train.early_stop_patience

@@ -86,8 +86,8 @@ def main(args: argparse.Namespace) -> dict:
     for note in scores.get("notes", []):
         print(f"note: {note}")
     if unreadable:
-        print(f"warning: {unreadable} of the {len(source)} {args.split} images could not be read (named in the "
-              f"warnings above); the scores cover the other {len(results)}")
+        print(f"warning: {unreadable} of the {len(source)} {args.split} images could not be read (each named "
+              f"above in a 'skipping image' line); the scores cover the other {len(results)}")
     print(f"{len(results)} {args.split} images, beam {args.beam_size}: captions and scores in {out}")
     return report
 
