@@ -12,7 +12,7 @@ Areas:
            same function called one image at a time; the captions must be identical       (target >= 8x)
   train    training captions/s from cached features vs a frozen ResNet-50 at 224 in the loop, at 1 and at 5 captions
            per image, with malloc keeping freed memory as train() has it (process-wide, so this
-           area runs after the others)                                                       (target >= 10x)
+           area runs after the others); with --bf16 also the cached steps in fp32 against bf16   (target >= 10x)
   folder   folder captioning (JPEG files, ResNet-50, beam 3, captioning.batch) vs the bare encoder on preloaded
            tensors at the same batch size                                                   (target >= 0.70)
   memory   peak RSS of folder captioning (scripts/caption.py) over 1,000 vs 10,000 images, each in a fresh process
@@ -303,6 +303,13 @@ def bench_train(args, device: torch.device, work: Path) -> dict:
                       f"{ratios[-1]:.1f}x); the FLOP ratio of the two steps is "
                       f"{gflop['in the loop'] / gflop['cached']:.1f}x")
         summary.append(f"train {ratio:.1f}x ({per_image}/image)")
+        if args.bf16:  # what train.cpu_bf16 buys: the same cached steps with the outer bf16 autocast switched off
+            fp32 = partial(torch.autocast("cpu", enabled=False)(from_cache), steps)
+            (_, _, t_fp32, t_bf16), bf16_ratios = paired(fp32, partial(from_cache, steps), device)
+            line("cached features in fp32", f"{steps * n_images * per_image / t_fp32:8.1f} captions/s; bf16 "
+                                            f"{t_fp32 / t_bf16:.2f}x as fast (train.cpu_bf16), rounds "
+                                            f"{1 / bf16_ratios[-1]:.2f}-{1 / bf16_ratios[0]:.2f}x")
+            summary.append(f"train.cpu_bf16 {t_fp32 / t_bf16:.2f}x ({per_image}/image)")
     return {"summary": ", ".join(summary), "ok": True}
 
 
