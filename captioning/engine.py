@@ -114,13 +114,18 @@ def autocast(device: torch.device, enabled: bool = True, cpu_bf16: bool = False)
     return torch.autocast(device.type, dtype=dtype)
 
 
+def has_cpu_bf16() -> bool:
+    """Whether this CPU has bf16 matrix units (Intel AMX, AVX512-BF16)."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
 def check_cpu_bf16(device: torch.device, option: str = "--bf16") -> None:
     """A ConfigError, naming `option`, unless `device` is a CPU with bf16 matrix units (Intel AMX, AVX512-BF16), where
     bf16 matrix products are 2-7x faster than fp32; elsewhere bf16 is emulated and slower, and a GPU runs mixed
     precision anyway."""
     if device.type != "cpu":
         raise ConfigError(f"{option} is for CPUs; on {device} the model already runs in mixed precision")
-    if not (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()):
+    if not has_cpu_bf16():
         raise ConfigError(f"{option}: this CPU has no bf16 matrix units (Intel AMX or AVX512-BF16), so bf16 would be "
                           f"slower than fp32 here; leave {option} out")
 

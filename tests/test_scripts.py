@@ -149,9 +149,7 @@ def test_benchmark_runs_and_its_batched_beam_search_gives_the_captions_of_one_im
     assert "(1/image)" in summary and "(5/image)" in summary, summary
 
 
-
-@pytest.mark.skipif(not (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()),
-                    reason="benchmark.py --bf16 needs a CPU with bf16 matrix units")
+@pytest.mark.skipif(not engine.has_cpu_bf16(), reason="benchmark.py --bf16 needs a CPU with bf16 matrix units")
 def test_benchmark_train_under_bf16_also_times_the_cached_steps_in_fp32(tmp_path):
     """What train.cpu_bf16 buys is printed beside the bf16 figures, for both captions-per-image settings."""
     result = _script("benchmark.py", "train", "--quick", "--bf16", cwd=tmp_path)
@@ -159,6 +157,7 @@ def test_benchmark_train_under_bf16_also_times_the_cached_steps_in_fp32(tmp_path
     assert result.stdout.count("cached features in fp32 :") == 2, result.stdout
     summary = result.stdout.strip().splitlines()[-1]
     assert "train.cpu_bf16 " in summary and summary.count("(5/image)") == 2, summary
+
 
 def test_evaluate_script_with_a_missing_checkpoint_exits_with_one_line(tmp_path):
     missing = tmp_path / "nowhere" / "best.pt"
