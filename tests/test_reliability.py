@@ -143,7 +143,9 @@ LONG_VALIDATION = {"data.num_train": 44, "train.batch_size": 8, "data.num_val": 
 
 
 def test_sigterm_during_validation_stops_it_and_resume_validates_that_epoch(tmp_path):
-    cfg = tiny_config(tmp_path / "run", **LONG_VALIDATION)  # one epoch
+    # a second epoch with dropout: the resumed run must draw the same random numbers after the repeated validation
+    stopped = {**LONG_VALIDATION, "train.epochs": 2, "model.dropout": 0.3}
+    cfg = tiny_config(tmp_path / "run", **stopped)
     save_config(cfg, tmp_path / "run.yaml")
     last = tmp_path / "run" / "last.pt"
     proc, log = _start_training(["--config", str(tmp_path / "run.yaml")], tmp_path, "run")
@@ -163,11 +165,14 @@ def test_sigterm_during_validation_stops_it_and_resume_validates_that_epoch(tmp_
                              text=True, env=CHILD_ENV, cwd=REPO, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     with _torch_threads(1):
-        reference = train(tiny_config(tmp_path / "reference", **LONG_VALIDATION))
-    got, want = (json.loads((run / "metrics.jsonl").read_text()) for run in (tmp_path / "run", reference))
-    assert got.pop("train_loss") == pytest.approx(want.pop("train_loss"), abs=1e-6)
-    del got["seconds"], want["seconds"]
-    assert got == want  # the same epoch, steps, learning rate and validation scores as a run never stopped
+        reference = train(tiny_config(tmp_path / "reference", **stopped))
+    got, want = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+                 for run in (tmp_path / "run", reference))
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        assert g.pop("train_loss") == pytest.approx(w.pop("train_loss"), abs=1e-6)
+        del g["seconds"], w["seconds"]
+    assert got == want  # the same epochs, steps, learning rates and validation scores as a run never stopped
     assert (tmp_path / "run" / "best.pt").exists()
 
 
