@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from captioning.data.datasets import Preprocess
 from captioning.data.sources import BadImageError, open_image
-from captioning.engine import StopFlag, leave_signals_to_main
+from captioning.engine import StopFlag, Stopped, leave_signals_to_main
 from captioning.inference import Caption, ImageCaptioner
 from captioning.visualize import attention_figure
 
@@ -370,14 +370,6 @@ class Summary:
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
         return (f"captioned {self.done}, skipped {self.skipped} (already captioned), failed {self.failed}, "
                 f"{self.seconds:.1f} s, {rate:.1f} images/s")
-
-
-class Stopped(Exception):
-    """A signal stopped caption_files; what it had captioned is written."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by signal {signum}")
-        self.signum = signum
 
 
 def attention_file(folder: Path, path: str) -> Path:

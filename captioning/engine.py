@@ -76,6 +76,14 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+class Stopped(Exception):
+    """A loop run under StopFlag stopped at its safe point; what it had finished is kept."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
 def leave_signals_to_main(worker_id: int) -> None:
     """DataLoader worker_init_fn: a worker ignores SIGTERM and Ctrl-C, which the main process handles (StopFlag) and
     then shuts its workers down. A signal sent to the whole process group (Ctrl-C in a terminal, `timeout`, SLURM's

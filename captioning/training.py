@@ -35,6 +35,7 @@ from captioning.distributed import barrier, broadcast_object, cleanup, init_dist
 from captioning.engine import (
     StepState,
     StopFlag,
+    Stopped,
     check_cpu_bf16,
     keep_freed_memory,
     leave_signals_to_main,
@@ -129,8 +130,13 @@ def _input_loaders(cfg: Config, model: Captioner, preprocess: Preprocess, train_
         # (several machines without a shared filesystem) then extracts its own copy, on its first process.
         for extracts in (is_main(), local_rank() == 0):
             if extracts and not (folder / f"{split}.json").exists():
-                extract_features(model.encoder, source, preprocess, folder, split, record, device,
-                                 num_workers=cfg.data.num_workers)
+                try:
+                    extract_features(model.encoder, source, preprocess, folder, split, record, device,
+                                     num_workers=cfg.data.num_workers)
+                except Stopped as e:
+                    log.warning("stopped by signal %d while caching the %s split's features in %s (splits cached "
+                                "before it are kept); run the same command again to go on", e.signum, split, folder)
+                    raise SystemExit(128 + e.signum) from None
             barrier()
         loaders.append(FeatureLoader(folder, split, record))
     if cfg.data.augment and is_main():

@@ -9,6 +9,7 @@ other settings is refused, as train.py refuses it, unless --overwrite replaces i
 """
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from captioning.config import ConfigError, at_least, load_config
 from captioning.data.datasets import Preprocess, build_source
 from captioning.data.features import FeatureLoader, cache_record, extract_features
-from captioning.engine import resolve_device
+from captioning.engine import Stopped, resolve_device
 from captioning.models.encoder import Encoder
 
 
@@ -67,10 +68,10 @@ def main(args: argparse.Namespace) -> None:
                                     cfg.data.num_workers)
         except ValueError as e:  # the cache folder is a file, or no image of the split could be read
             sys.exit(f"error: {e}")
-        except KeyboardInterrupt:
+        except (Stopped, KeyboardInterrupt) as e:  # KeyboardInterrupt: a second Ctrl-C, which stops at once
             print(f"stopped: the {split} split was not cached (splits finished before it are kept); run the same "
                   "command again to go on", file=sys.stderr)
-            raise SystemExit(130) from None
+            raise SystemExit(128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT)) from None
         mb = path.stat().st_size / 2**20
         print(f"{split}: {len(source)} images -> {path} ({mb:.0f} MB, {1024 * mb / len(source):.0f} KB/image)")
 

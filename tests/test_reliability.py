@@ -176,6 +176,20 @@ def test_sigterm_during_validation_stops_it_and_resume_validates_that_epoch(tmp_
     assert (tmp_path / "run" / "best.pt").exists()
 
 
+def test_sigterm_while_caching_features_stops_cleanly_and_leaves_no_file(tmp_path):
+    cache = tmp_path / "features"  # 4,000 images: seconds of extraction on any machine
+    cfg = tiny_config(tmp_path / "run", **{"data.num_train": 4000, "data.feature_cache": str(cache)})
+    save_config(cfg, tmp_path / "run.yaml")
+    proc, log = _start_training(["--config", str(tmp_path / "run.yaml")], tmp_path, "run")
+    _wait_until(proc, lambda: b"features train:" in log.read_bytes(), log)
+    proc.send_signal(signal.SIGTERM)
+
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    output = log.read_text(errors="replace")
+    assert "while caching the train split's features" in output and "Traceback" not in output, output[-2000:]
+    assert list(cache.iterdir()) == []  # neither a cache nor a temp file of the stopped split
+
+
 def test_resume_goes_on_in_the_moved_run_folder_rewrites_later_metrics_and_refuses_fixed_keys(tmp_path):
     """A run stopped after writing an epoch's metrics line but before its last.pt said so (or resumed from an earlier
     checkpoint) writes that line again in place of the old one; a resumed run follows its folder when it moves."""

@@ -24,7 +24,7 @@ from captioning.config import Config, ConfigError, ModelConfig, load_config
 from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, build_source, build_vocab, collate_eval
 from captioning.data.features import FeatureLoader, cache_record, extract_features
 from captioning.decoding import decode, rollout
-from captioning.engine import caption_loss, evaluate, self_critical_loss
+from captioning.engine import Stopped, caption_loss, evaluate, self_critical_loss
 from captioning.metrics import bleu, score_captions
 from captioning.models import Captioner, load_model
 from captioning.models.decoder import build_decoder
@@ -375,7 +375,7 @@ def test_feature_cache_needs_a_frozen_encoder(tmp_path):
         _small(tmp_path / "run", **{"data.feature_cache": str(tmp_path / "f"), "model.trainable_layers": 1})
 
 
-@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError, signal.SIGTERM])
 def test_an_interrupted_extraction_leaves_no_cache_and_no_temp_file(tmp_path, error):
     cfg = _small(tmp_path / "unused", **_CACHED)
     model = Captioner(cfg.model, Vocabulary.build([]))
@@ -387,14 +387,19 @@ def test_an_interrupted_extraction_leaves_no_cache_and_no_temp_file(tmp_path, er
     def stopped_at_the_second_batch(images):
         calls.append(len(images))
         if len(calls) == 2:
-            raise error()
+            if error == signal.SIGTERM:  # the batch at hand is finished, then the extraction stops
+                signal.raise_signal(signal.SIGTERM)
+            else:
+                raise error()
         return forward(images)
 
     model.encoder.forward = stopped_at_the_second_batch
-    with pytest.raises(error):
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stopped if error == signal.SIGTERM else error):
         extract_features(model.encoder, source, preprocess, tmp_path / "f", "train", record, torch.device("cpu"), 4, 0)
     assert calls == [4, 4]  # the first batch was written to the temp file before the stop
     assert list((tmp_path / "f").iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == handler
 
 
 # ----------------------------------------------------------------------------------------- self-critical training

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from captioning.config import Config, ConfigError
 from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, collate_eval
 from captioning.data.sources import BadImageError, CaptionSource
-from captioning.engine import leave_signals_to_main
+from captioning.engine import StopFlag, Stopped, leave_signals_to_main
 from captioning.models.encoder import Encoder
 
 
@@ -54,6 +54,7 @@ def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess:
                      num_workers: int = 2) -> Path:
     """Encode every image of the split into folder/<split>.npy (+ .json). Row i always belongs to image i; an
     unreadable image (the loader warns) gets zeros, and its index is listed in the record so that training skips it.
+    SIGTERM or Ctrl-C stops after the batch at hand with Stopped, leaving no file of the split behind.
 
     batch_size None: 64 images per forward on a GPU, 8 on a CPU, where larger batches push the activations out of
     the caches (MobileNetV2 at 320 px on 2 cores: 25 ms per image at 8, 43 ms at 32, loading included)."""
@@ -73,15 +74,18 @@ def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess:
     tmp, meta_tmp = folder / f".{split}.npy.tmp", folder / f".{split}.json.tmp"
     array, read = None, np.zeros(len(dataset), dtype=bool)
     try:  # a stopped or failed extraction leaves no temp file behind
-        for batch in tqdm(loader, desc=f"features {split}", dynamic_ncols=True):
-            if not batch:
-                continue
-            grid, _ = encoder(batch["inputs"].to(device, non_blocking=True))  # (B, N, C)
-            if array is None:
-                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(dataset), *grid.shape[1:]))
-                array[:] = 0
-            array[batch["index"].numpy()] = grid.float().cpu().numpy().astype(dtype)
-            read[batch["index"].numpy()] = True
+        with StopFlag() as stop:
+            for batch in tqdm(loader, desc=f"features {split}", dynamic_ncols=True):
+                if batch:
+                    grid, _ = encoder(batch["inputs"].to(device, non_blocking=True))  # (B, N, C)
+                    if array is None:
+                        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
+                                                          shape=(len(dataset), *grid.shape[1:]))
+                        array[:] = 0
+                    array[batch["index"].numpy()] = grid.float().cpu().numpy().astype(dtype)
+                    read[batch["index"].numpy()] = True
+                if stop.signal is not None:
+                    raise Stopped(stop.signal)
         if array is None:
             raise ValueError(f"none of the {len(dataset)} images of the {split} split could be read (each is named in "
                              "a warning above); nothing to cache")
