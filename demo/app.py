@@ -31,10 +31,10 @@ import gradio as gr
 from gradio.state_holder import StateHolder
 from PIL import Image
 
-from captioning.batch import describe_failure
+from captioning.batch import DEFAULT_MAX_PIXELS, describe_failure
 from captioning.checkpoint import CheckpointError
 from captioning.config import ConfigError
-from captioning.data.sources import BadImageError, open_image
+from captioning.data.sources import BadImageError, ImageTooLargeError, open_image
 from captioning.engine import GLIBC
 from captioning.inference import ImageCaptioner
 from captioning.visualize import word_overlays
@@ -72,6 +72,9 @@ CSS = """
 EMPTY_CAPTION = '<div class="caption-empty">Upload a photo or pick an example: its caption appears here.</div>'
 FORGOTTEN = ("The server no longer holds this page's photo: pages left idle for a while are forgotten. Please upload "
              "it again or click an example.")
+BEAM_SIZES, CAPTION_LENGTHS = (1, 10), (3, 40)  # the sliders' ranges
+SETTINGS_RANGE = (f"Beam size takes a whole number from {BEAM_SIZES[0]} to {BEAM_SIZES[1]}, and max length one from "
+                  f"{CAPTION_LENGTHS[0]} to {CAPTION_LENGTHS[1]}.")
 
 # glibc gives each thread that allocates its own heap ("arena") and keeps what is freed there for reuse. Requests run
 # on a pool of worker threads, so bursts of up to 32 users (scripts/load_test_demo.py) left the server 147 MiB above
@@ -169,14 +172,17 @@ def describe_photo(captioner: ImageCaptioner | None, path: str | None, beam_size
     if not path:
         return None, EMPTY_CAPTION, [], []
     try:
-        photo = open_image(path, min_size=captioner.preprocess.size)  # a JPEG decodes at reduced size
+        photo = open_image(path, DEFAULT_MAX_PIXELS, captioner.preprocess.size)  # a JPEG decodes at reduced size
     except (BadImageError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             message = (f"{Path(path).name} is no longer on the server: uploads left unused for a while are deleted. "
                        "Please upload it again.")
+        elif isinstance(e, ImageTooLargeError):
+            message = (f"{Path(path).name} is too large: this demo takes images of up to {DEFAULT_MAX_PIXELS:,} "
+                       "pixels. Please upload a smaller one.")
         else:
-            message = (f"{Path(path).name} could not be read: {describe_failure(path, e)}. Please upload a JPEG, "
-                       "PNG, WebP or other common image file.")
+            message = (f"{Path(path).name} could not be read: {describe_failure(path, e)}. Please upload another "
+                       "photo (JPEG, PNG, WebP or another common image format).")
         gr.Warning(html.escape(message))
         return None, problem_html(message), [], []
     try:
@@ -211,7 +217,8 @@ def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None =
         if captioner is None:
             gr.Markdown(f"> **{NO_MODEL}**", elem_id="no-model")
         else:
-            source = model if isinstance(model, (str, Path)) else "a model given in code"
+            # the run folder and file only: the server's directory layout is not the visitors' business
+            source = Path(*Path(model).parts[-2:]) if isinstance(model, (str, Path)) else "a model given in code"
             kind = "attention" if captioner.has_attention else "no attention"
             gr.Markdown(f"Model: `{source}` ({kind}, {len(captioner.model.vocab)}-word vocabulary)")
         current = gr.State(None)  # path of the image on show
@@ -223,9 +230,9 @@ def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None =
                                       height=184, allow_preview=False, object_fit="contain", buttons=[],
                                       elem_id="examples")
                 with gr.Accordion("Decoding settings", open=True):
-                    beam = gr.Slider(1, 10, value=3, step=1, label="Beam size",
+                    beam = gr.Slider(*BEAM_SIZES, value=3, step=1, precision=0, label="Beam size",
                                      info="1 = greedy; a larger beam searches more captions and lists them all")
-                    max_len = gr.Slider(3, 40, value=20, step=1, label="Max length (words)")
+                    max_len = gr.Slider(*CAPTION_LENGTHS, value=20, step=1, precision=0, label="Max length (words)")
             with gr.Column(scale=3, min_width=360):
                 caption = gr.HTML(EMPTY_CAPTION, label="Caption", elem_id="caption", container=True)
                 with gr.Row(equal_height=False):
@@ -263,9 +270,16 @@ def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None =
             del newest[request.session_hash]
             return result
 
-        async def rerun(path: str | None, beam_size: float, length: float, shown: str, request: gr.Request):
+        async def rerun(path: str | None, beam_size: float | None, length: float | None, shown: str,
+                        request: gr.Request):
             """run, for a slider moved on a page that shows a caption: if its session was forgotten (and the photo
-            with it), say so rather than empty the page."""
+            with it), say so rather than empty the page. A number typed into a slider's box arrives as typed (it
+            snaps into range only when the box loses focus): one out of range, or none, leaves the page as it is."""
+            try:
+                beam_size, length = beam.preprocess(beam_size), max_len.preprocess(length)
+            except (gr.Error, TypeError):  # TypeError: an emptied box
+                gr.Warning(SETTINGS_RANGE)
+                return [gr.skip()] * len(outputs)
             if path is None and captioner is not None and shown != EMPTY_CAPTION:
                 gr.Warning(html.escape(FORGOTTEN))
                 return None, problem_html(FORGOTTEN), [], []
@@ -282,13 +296,17 @@ def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None =
             return str(EXAMPLES[evt.index]), None
 
         inputs, private = [current, beam, max_len], {"api_visibility": "private"}
-        upload.upload(store_upload, upload, current, api_name="upload").then(run, inputs, outputs, api_name="caption")
+        # always_last: a photo chosen while the previous one is still captioned is captioned next (Gradio's default
+        # for these events drops a trigger while the last one runs, and the page would keep waiting)
+        upload.upload(store_upload, upload, current, api_name="upload").then(run, inputs, outputs, api_name="caption",
+                                                                             trigger_mode="always_last")
         upload.clear(clear, None, [current, *outputs], **private)
-        examples.select(pick_example, None, [current, upload], **private).then(run, inputs, outputs, **private)
+        examples.select(pick_example, None, [current, upload], **private).then(run, inputs, outputs,
+                                                                               trigger_mode="always_last", **private)
         # change: dragging, arrow keys, typing a number, the reset button; always_last: while one caption runs, only
         # the slider's latest value waits
         gr.on([beam.change, max_len.change], rerun, [*inputs, caption], outputs, trigger_mode="always_last",
-              **private)
+              preprocess=False, **private)
     return app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
 
 
@@ -315,11 +333,19 @@ def seconds(text: str) -> float:
     return value
 
 
+def port(text: str) -> int:
+    """A TCP port number, for the command line."""
+    value = int(text) if text.isdigit() else 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port number (1 to 65535)")
+    return value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="default: the newest runs/quickstart/*/best.pt or runs/quickstart/best.pt")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves every network interface")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=port, default=7860, help="the port to serve on (1 to 65535)")
     p.add_argument("--share", action="store_true", help="create a temporary public link through gradio.live")
     p.add_argument("--timeout", type=seconds, default=TIMEOUT,
                    help="seconds of work one caption may take before it is stopped with a message on the page")

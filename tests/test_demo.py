@@ -57,6 +57,16 @@ def test_handler_captions_a_photo_and_explains_bad_files(captioner, files):
     assert demo.describe_photo(captioner, None, 3, 20)[1] == demo.EMPTY_CAPTION
 
 
+def test_a_photo_over_the_pixel_limit_is_refused_with_the_limit(captioner, files, monkeypatch):
+    monkeypatch.setattr(demo, "DEFAULT_MAX_PIXELS", 9_216)  # the photo's 96 x 96 pixels: allowed
+    assert demo.describe_photo(captioner, str(files["photo"]), 3, 20)[0] is not None
+    monkeypatch.setattr(demo, "DEFAULT_MAX_PIXELS", 9_000)
+    reason = f"{files['photo'].name} is too large: this demo takes images of up to 9,000 pixels"
+    with pytest.warns(UserWarning, match=reason):
+        photo, html, _, _ = demo.describe_photo(captioner, str(files["photo"]), 3, 20)
+    assert photo is None and reason in html and "caption.py" not in html
+
+
 def test_a_large_photo_is_sent_back_small_and_a_deleted_upload_is_explained(captioner, tmp_path):
     Image.new("RGB", (2000, 1000), (200, 30, 30)).save(tmp_path / "wide.png")
     photo, html, rows, maps = demo.describe_photo(captioner, str(tmp_path / "wide.png"), 2, 12)
@@ -144,6 +154,14 @@ def test_times_must_be_positive_numbers_of_seconds(flag, value, capsys):
     assert "not a positive number of seconds" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "65536", "99999", "http"])
+def test_ports_must_be_1_to_65535(value, capsys):
+    with pytest.raises(SystemExit):
+        demo.get_args_parser().parse_args(["--port", value])
+    assert f"--port: {value} is not a port number (1 to 65535)" in capsys.readouterr().err
+    assert demo.get_args_parser().parse_args(["--port", "65535"]).port == 65535
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--device", "gpu0"], "error: unknown device 'gpu0'"),
     (["--device", "cpu", "--bf16"], "error: --bf16: this CPU has no bf16 matrix units"),
@@ -226,6 +244,8 @@ def test_page_in_a_real_browser(trained_checkpoint, captioner, files):
             browser = browser_tools.launch_browser(p)
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/")
+            expect(page.get_by_text("run/best.pt", exact=True)).to_be_visible()  # its run folder and name only
+            assert str(trained_checkpoint.parent) not in page.content()
             page.locator("#upload input[type=file]").set_input_files(files["photo"])
             assert browser_tools.wait_for_caption(page) == expected_caption(captioner, files["photo"])
             assert page.locator("#nbest").get_by_text("log-prob").is_visible()
@@ -234,6 +254,17 @@ def test_page_in_a_real_browser(trained_checkpoint, captioner, files):
             expect(table).to_have_attribute("aria-rowcount", "4")  # a header row and beam 3's captions
             page.get_by_label("range slider for Beam size").press("ArrowRight")  # the keyboard re-captions too
             expect(table).to_have_attribute("aria-rowcount", "5", timeout=30_000)
+            box = page.get_by_label("number input for Beam size")
+            toast = page.locator(".toast-body").filter(has_text=demo.SETTINGS_RANGE)
+            for typed in ["0", ""]:  # out of range, and an emptied box: a message, and the caption stays
+                box.fill(typed)
+                box.press("Enter")
+                expect(toast).to_have_count(1)
+                expect(table).to_have_attribute("aria-rowcount", "5")
+                assert page.locator("#caption .caption-text").is_visible()
+                expect(toast).to_have_count(0, timeout=30_000)  # the message goes after a while
+            box.blur()  # the box snaps back into range (1) and captions with it
+            expect(table).to_have_attribute("aria-rowcount", "2", timeout=30_000)
             demo.forget_idle_sessions(app.state_holder, 0)  # as the sweeper does to a page left idle
             page.get_by_label("range slider for Beam size").press("ArrowRight")
             expect(page.locator("#caption .caption-problem")).to_have_text(demo.FORGOTTEN, timeout=30_000)
@@ -248,4 +279,40 @@ def test_page_in_a_real_browser(trained_checkpoint, captioner, files):
             assert "Traceback" not in page.content()
             browser.close()
     finally:
+        app.close()
+
+
+@pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own event statistics, under pandas 3
+@pytest.mark.skipif(not Path(browser_tools.CHROMIUM).exists(),
+                    reason=f"{browser_tools.CHROMIUM} not installed (Debian: apt-get install chromium)")
+def test_a_photo_uploaded_while_the_last_one_is_captioned_gets_its_caption(captioner, files, monkeypatch):
+    slow_photo = demo.EXAMPLES[0]
+    first_started, release, describe_photo = threading.Event(), threading.Event(), demo.describe_photo
+
+    def slow_for_the_first(captioner, path, *args):
+        if Path(path).name == slow_photo.name:
+            first_started.set()
+            assert release.wait(60)
+        return describe_photo(captioner, path, *args)
+
+    monkeypatch.setattr(demo, "describe_photo", slow_for_the_first)
+    app = demo.build_app(captioner)
+    port = browser_tools.free_port()
+    demo.serve(app, port=port, prevent_thread_lock=True)
+    try:
+        with sync_playwright() as p:
+            browser = browser_tools.launch_browser(p)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("#upload input[type=file]").set_input_files(slow_photo)
+            assert first_started.wait(60)
+            page.locator("#upload").get_by_label("Clear").click()  # the upload box's X, while the caption runs
+            with page.expect_request(lambda r: "queue/join" in r.url and files["photo"].name in (r.post_data or "")):
+                page.locator("#upload input[type=file]").set_input_files(files["photo"])
+            page.wait_for_timeout(1000)  # the photo is stored, and its caption asked for while the first one runs
+            release.set()  # the first caption ends (unseen)
+            assert browser_tools.wait_for_caption(page, 30_000) == expected_caption(captioner, files["photo"])
+            browser.close()
+    finally:
+        release.set()
         app.close()

@@ -48,6 +48,10 @@ class BadImageError(ValueError):
     """An image file that cannot be used: empty, not an image, truncated/corrupt, or too large."""
 
 
+class ImageTooLargeError(BadImageError):
+    """An image above the pixel limit, refused from its header before it is decoded."""
+
+
 def open_image(path: str | Path, max_pixels: int = 89_478_485, min_size: int = 0) -> Image.Image:
     """Decode any image Pillow reads into 8-bit RGB, fully loaded and detached from the file.
 
@@ -71,9 +75,10 @@ def open_image(path: str | Path, max_pixels: int = 89_478_485, min_size: int = 0
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(path)
-        except Image.DecompressionBombError as e:
-            raise BadImageError(f"{path}: decompression bomb: {e} (raise the pixel limit, such as caption.py's "
-                                "--max-pixels, only for trusted files)") from e
+        except Image.DecompressionBombError as e:  # Pillow refuses twice its own limit before the header is read
+            raise ImageTooLargeError(f"{path}: decompression bomb: more than twice the limit of {max_pixels} pixels "
+                                     "(raise the limit, such as caption.py's --max-pixels, only for trusted "
+                                     "files)") from e
         except UnidentifiedImageError as e:
             hint = HEIF_HINT if path.suffix.lower() in (".heic", ".heif") else ""
             raise BadImageError(
@@ -85,7 +90,7 @@ def open_image(path: str | Path, max_pixels: int = 89_478_485, min_size: int = 0
         with img:
             width, height = img.size
             if width * height > max_pixels:
-                raise BadImageError(
+                raise ImageTooLargeError(
                     f"{path}: decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels} "
                     "(raise the limit, such as caption.py's --max-pixels, only for trusted files)"
                 )
