@@ -38,11 +38,11 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"device {name!r}, but PyTorch sees {torch.cuda.device_count()} CUDA GPUs here: use auto or "
                           "cpu (a CPU-only PyTorch build sees none)")
     if device.type not in ("cpu", "cuda"):
-        try:  # mps, xpu, ...: each backend says it is missing in its own way
+        try:  # mps, xpu, ...: each backend says it is missing in its own way, some in a page of text
             torch.empty(0, device=device)
-        except Exception as e:
-            reason = str(e).splitlines()[0]
-            raise ConfigError(f"device {name!r} is not usable here ({reason}): use auto or cpu") from None
+        except Exception:
+            raise ConfigError(f"device {name!r} is not usable here (this PyTorch build or machine has no "
+                              f"{device.type} backend): use auto or cpu") from None
     if device.type == "cuda":
         if device.index is None:  # "cuda": the current device, named by its index as set_device needs
             device = torch.device("cuda", torch.cuda.current_device())

@@ -190,6 +190,11 @@ def _check_resumable(cfg: Config, state: dict[str, Any], resume: str | Path, out
         more = f"train.scst_epochs={t.scst_epochs + 2}" if t.scst_epochs else f"train.epochs={t.epochs + 5}"
         raise ConfigError(f"{resume} has trained all {done} epochs of its run (train.epochs {t.epochs} + "
                           f"train.scst_epochs {t.scst_epochs}); to train on, raise them, e.g. --set {more}")
+    bad, patience = state["best"]["bad_epochs"], t.early_stop_patience
+    if patience and bad >= patience and (done > t.epochs or not t.scst_epochs):  # the loop's stop_run
+        raise ConfigError(f"{resume}: the run stopped early after epoch {done} ({t.select_metric} had not improved "
+                          f"in {bad} epochs, train.early_stop_patience {patience}); to train on, raise it, e.g. "
+                          f"--set train.early_stop_patience={bad + 2}")
     if out_dir.resolve() != Path(resume).resolve().parent and (out_dir / "last.pt").exists():
         raise FileExistsError(f"{out_dir} holds another run (last.pt); resume into the checkpoint's own folder, "
                               "or choose an empty one with --set train.out_dir=...")
@@ -235,6 +240,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     if state is not None:  # before the feature cache is checked against the encoder's weights
         model.load_state_dict(state["model"])
     elif cfg.model.word_vectors:
+        if not Path(cfg.model.word_vectors).is_file():
+            raise ConfigError(f"model.word_vectors {cfg.model.word_vectors}: no such file; name a word2vec or GloVe "
+                              "text file, or set it to null")
         found = load_word_vectors(model.decoder.embed, cfg.model.word_vectors, vocab)
         log.info("word vectors: %d of %d vocabulary words found in %s", found, len(vocab), cfg.model.word_vectors)
     model.to(device)

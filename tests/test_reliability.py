@@ -734,11 +734,14 @@ def _main_fails_cleanly(tmp_path: Path, argv: list[str]) -> str:
 
 
 
-@pytest.mark.parametrize("case", ["coco-root-missing", "coco-without-root", "malformed-yaml", "run-exists"])
+@pytest.mark.parametrize("case", ["coco-root-missing", "coco-without-root", "malformed-yaml", "run-exists",
+                                  "word-vectors-missing"])
 def test_train_script_reports_data_and_file_mistakes_without_a_traceback(tmp_path, case):
     out = tmp_path / "run"
     argv = ["--set", f"train.out_dir={out}"]
-    if case == "coco-root-missing":
+    if case == "word-vectors-missing":
+        argv += ["model.encoder_weights=null", f"model.word_vectors={tmp_path / 'glove.txt'}"]
+    elif case == "coco-root-missing":
         argv += ["data.dataset=coco", f"data.root={tmp_path / 'nowhere'}"]
     elif case == "coco-without-root":
         argv += ["data.dataset=coco"]
@@ -749,3 +752,5 @@ def test_train_script_reports_data_and_file_mistakes_without_a_traceback(tmp_pat
         (out / "last.pt").write_bytes(b"")
     message = _main_fails_cleanly(tmp_path, argv)
     assert message.startswith("error: ")
+    if case == "word-vectors-missing":
+        assert f"model.word_vectors {tmp_path / 'glove.txt'}: no such file" in message

@@ -488,6 +488,12 @@ def test_early_stop_in_cross_entropy_moves_on_to_self_critical_training(tmp_path
     assert "train_reward" in rows[2]
     out = capsys.readouterr().out
     assert "self-critical training follows" in out and out.count("early stop") == 2
+    # resumed, the run that stopped early says so; with more patience it trains on
+    settings = {**_SCST, "train.epochs": 5, "train.scst_epochs": 2, "train.early_stop_patience": 1}
+    with pytest.raises(ConfigError, match=r"stopped early after epoch 6 .*--set train\.early_stop_patience=3"):
+        train(_small(run, **settings), resume=run / "last.pt")
+    train(_small(run, **{**settings, "train.early_stop_patience": 3}), resume=run / "last.pt")
+    assert [row["epoch"] for row in _metrics(run)] == [0, 1, 5, 6]
 
 
 def test_mid_epoch_resume_in_self_critical_training_matches_an_uninterrupted_run(tmp_path, monkeypatch):
