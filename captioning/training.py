@@ -139,6 +139,9 @@ def _input_loaders(cfg: Config, model: Captioner, preprocess: Preprocess, train_
                     raise SystemExit(128 + e.signum) from None
             barrier()
         loaders.append(FeatureLoader(folder, split, record))
+        if loaders[-1].unreadable and is_main():  # left out without a warning per image and epoch
+            log.warning("feature cache: %d of the %d %s images could not be read when it was made and are left out "
+                        "(listed in %s)", len(loaders[-1].unreadable), len(source), split, loaders[-1].meta_path)
     if cfg.data.augment and is_main():
         log.info("feature cache: training images are not augmented (features are computed once)")
     return loaders[0], loaders[1]

@@ -11,7 +11,14 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from captioning.config import ConfigError, DataConfig
-from captioning.data.sources import BadImageError, CaptionSource, coco_source, flickr8k_source, karpathy_source
+from captioning.data.sources import (
+    BadImageError,
+    CaptionSource,
+    ReportedImageError,
+    coco_source,
+    flickr8k_source,
+    karpathy_source,
+)
 from captioning.data.synthetic import SyntheticShapes
 from captioning.vocab import PAD_ID, Vocabulary, tokenize
 
@@ -116,6 +123,8 @@ class TrainDataset(Dataset):
         chosen = [refs[picks[j % len(refs)]] for j in range(self.per_image)]
         try:
             x = self.load(i, g)
+        except ReportedImageError:
+            return None
         except (BadImageError, OSError) as e:
             log.warning("skipping training image %d: %s", i, e)
             return None
@@ -148,6 +157,8 @@ class EvalDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
         try:
             return self.load(i, None), i
+        except ReportedImageError:
+            return None
         except (BadImageError, OSError) as e:
             log.warning("skipping image %d: %s", i, e)
             return None

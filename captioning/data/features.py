@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from captioning.config import Config, ConfigError
 from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, collate_eval
-from captioning.data.sources import BadImageError, CaptionSource
+from captioning.data.sources import CaptionSource, ReportedImageError
 from captioning.engine import StopFlag, Stopped, leave_signals_to_main
 from captioning.models.encoder import Encoder
 
@@ -126,6 +126,6 @@ class FeatureLoader:
 
     def __call__(self, index: int, generator: torch.Generator | None = None) -> torch.Tensor:
         if index in self.unreadable:
-            raise BadImageError(f"image {index} could not be read when the feature cache was made ({self.meta_path}); "
-                                "replace the file and delete the cache to include it")
+            raise ReportedImageError(f"image {index} could not be read when the feature cache was made "
+                                     f"({self.meta_path}); replace the file and delete the cache to include it")
         return torch.from_numpy(np.array(self.array[index]))  # (N, C), copied out of the memory map

@@ -48,6 +48,10 @@ class BadImageError(ValueError):
     """An image file that cannot be used: empty, not an image, truncated/corrupt, or too large."""
 
 
+class ReportedImageError(BadImageError):
+    """An image already reported as unusable (by the feature extraction): skipped without another warning."""
+
+
 class ImageTooLargeError(BadImageError):
     """An image above the pixel limit, refused from its header before it is decoded."""
 
