@@ -44,7 +44,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parent / "examples").glob("*.png"))
 NO_MODEL = ("No captioning model is loaded. Train the quick-start model with `bash scripts/quickstart.sh` "
             "(a few minutes on a CPU), or start the demo with `python demo/app.py --checkpoint PATH`.")
 MAX_FILE_SIZE = "10mb"
-UPLOAD_TYPES = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"]  # the browser's file picker
+UPLOAD_TYPES = [".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"]  # the browser's file picker
 SHOWN_SIDE = 640  # pixels: the longer side of the photo sent back to the page (shown 220 px high)
 TIMEOUT = 60.0  # seconds of work per caption
 CONCURRENCY, QUEUE_SIZE = 2, 64  # captions computed at once, requests waiting
@@ -65,7 +65,7 @@ CSS = """
 #caption .caption-text { font-size: 1.9rem; font-weight: 650; line-height: 1.25; margin: 0.2rem 0; }
 #caption .caption-score { color: var(--body-text-color-subdued); font-size: 0.95rem; }
 #caption .caption-empty { color: var(--body-text-color-subdued); font-size: 1.1rem; }
-#caption .caption-problem { color: var(--error-text-color); font-size: 1.1rem; font-weight: 600; }
+#caption .caption-problem { color: var(--error-icon-color); font-size: 1.1rem; font-weight: 600; }
 #attention .fixed-height { min-height: 0; max-height: none; }  /* as tall as its rows of heat maps */
 #attention .grid-container, #examples .grid-container { padding-top: 2.75rem; }  /* below the gallery's label */
 """
