@@ -273,17 +273,18 @@ def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None =
         async def rerun(path: str | None, beam_size: float | None, length: float | None, shown: str,
                         request: gr.Request):
             """run, for a slider moved on a page that shows a caption: if its session was forgotten (and the photo
-            with it), say so rather than empty the page. A number typed into a slider's box arrives as typed (it
-            snaps into range only when the box loses focus): one out of range, or none, leaves the page as it is."""
+            with it), say so and empty the upload box for the next one, rather than empty the page. A number typed
+            into a slider's box arrives as typed (it snaps into range only when the box loses focus): one out of
+            range, or none, leaves the page as it is."""
             try:
                 beam_size, length = beam.preprocess(beam_size), max_len.preprocess(length)
             except (gr.Error, TypeError):  # TypeError: an emptied box
                 gr.Warning(SETTINGS_RANGE)
-                return [gr.skip()] * len(outputs)
+                return [gr.skip()] * (len(outputs) + 1)
             if path is None and captioner is not None and shown != EMPTY_CAPTION:
                 gr.Warning(html.escape(FORGOTTEN))
-                return None, problem_html(FORGOTTEN), [], []
-            return await run(path, beam_size, length, request)
+                return None, problem_html(FORGOTTEN), [], [], None
+            return *await run(path, beam_size, length, request), gr.skip()
 
         def store_upload(path: str | None) -> str | None:
             return path
@@ -305,8 +306,8 @@ def build_app(model: ImageCaptioner | str | Path | None, timeout: float | None =
                                                                                trigger_mode="always_last", **private)
         # change: dragging, arrow keys, typing a number, the reset button; always_last: while one caption runs, only
         # the slider's latest value waits
-        gr.on([beam.change, max_len.change], rerun, [*inputs, caption], outputs, trigger_mode="always_last",
-              preprocess=False, **private)
+        gr.on([beam.change, max_len.change], rerun, [*inputs, caption], [*outputs, upload],
+              trigger_mode="always_last", preprocess=False, **private)
     return app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
 
 

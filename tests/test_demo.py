@@ -268,6 +268,9 @@ def test_page_in_a_real_browser(trained_checkpoint, captioner, files):
             demo.forget_idle_sessions(app.state_holder, 0)  # as the sweeper does to a page left idle
             page.get_by_label("range slider for Beam size").press("ArrowRight")
             expect(page.locator("#caption .caption-problem")).to_have_text(demo.FORGOTTEN, timeout=30_000)
+            expect(page.locator("#upload input[type=file]")).to_have_count(1)  # the box is empty, ready for it
+            page.locator("#upload input[type=file]").set_input_files(files["photo"])
+            assert browser_tools.wait_for_caption(page) == expected_caption(captioner, files["photo"], beam_size=2)
 
             page.goto(f"http://127.0.0.1:{port}/")  # a fresh page: its upload box is empty again
             page.locator("#upload input[type=file]").set_input_files(files["text"])
