@@ -423,7 +423,8 @@ def test_a_feature_cache_leaves_out_the_images_it_could_not_read(tmp_path, make_
     assert json.loads((cache / "train.json").read_text())["unreadable"] == [1]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum(str(bad) in w for w in warnings) == 1  # named once, by the extraction
-    assert sum(w.startswith("feature cache: 1 of the 6 train images could not be read") for w in warnings) == 1  # not per epoch
+    summary = "feature cache: 1 of the 6 train images could not be read"
+    assert sum(w.startswith(summary) for w in warnings) == 1  # once per run, not per epoch
     caplog.clear()
     loader = FeatureLoader(cache, "train", {k: v for k, v in json.loads((cache / "train.json").read_text()).items()
                                             if k != "unreadable"})
