@@ -25,6 +25,10 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def global_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 

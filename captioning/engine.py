@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from captioning.config import ConfigError, TrainConfig
 from captioning.decoding import decode
-from captioning.distributed import gather_objects, is_main, local_rank
+from captioning.distributed import gather_objects, global_rank, is_main, local_rank
 from captioning.metrics import score_captions
 from captioning.models import Captioner
 from captioning.rewards import SampleRewards
@@ -193,6 +193,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         if not batch:  # every image of the batch was unreadable (each already reported); the step still counts
             _advance(progress, scheduler)
             continue
+        # The step's random numbers (dropout, scheduled sampling, self-critical samples) depend on (seed, rank, step)
+        # alone, so a run resumed at any step draws what it would have drawn, on every rank of a torchrun job too
+        torch.manual_seed(hash((cfg.seed, global_rank(), progress.global_step)) & 0x7FFF_FFFF_FFFF_FFFF)
         inputs = batch["inputs"].to(device, non_blocking=True)
         captions = batch["captions"].to(device, non_blocking=True)
         image_index = batch["image_index"].to(device, non_blocking=True)

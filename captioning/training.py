@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -103,20 +102,6 @@ def _add_to_average(average: dict[str, Any], model: Captioner, epoch: int) -> No
     average["epochs"].append(epoch)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _input_loaders(cfg: Config, model: Captioner, preprocess: Preprocess, train_src: CaptionSource,
                    val_src: CaptionSource, device: torch.device) -> tuple[InputLoader, InputLoader]:
     """Images through the encoder in the loop, or features from the cache (extracted first if missing)."""
@@ -173,10 +158,16 @@ FIXED_ON_RESUME = (
 )
 
 
-def _check_resumable(cfg: Config, state: dict[str, Any], resume: str | Path, out_dir: Path) -> None:
+def _check_resumable(cfg: Config, state: dict[str, Any], resume: str | Path, out_dir: Path, world: int) -> None:
     if "progress" not in state:
         raise CheckpointError(f"{resume} holds a model's weights only, not a run's progress; resume from the run's "
                               "last.pt")
+    saved_world = state.get("world_size", world)  # absent from checkpoints written before it was recorded
+    if saved_world != world:
+        how = "without torchrun" if saved_world == 1 else f"under torchrun with {saved_world} processes in all"
+        raise ConfigError(f"{resume} was written by a run of {saved_world} process(es), and this one has {world}: "
+                          "each process's shard, the steps per epoch and the learning-rate schedule depend on that "
+                          f"number, so resume {how}")
     old = Config.from_dict(state["config"]).to_dict()
     new = cfg.to_dict()
     changed = [f"{key} {old[s][k]} -> {new[s][k]}" for key in FIXED_ON_RESUME
@@ -227,12 +218,11 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     out_dir = Path(cfg.train.out_dir)
     state = load_checkpoint(resume) if resume else None
     if state is not None:
-        _check_resumable(cfg, state, resume, out_dir)
+        _check_resumable(cfg, state, resume, out_dir, world)
     elif (out_dir / "last.pt").exists():
         raise FileExistsError(f"{out_dir} already holds a run (last.pt); continue it with --resume, "
                               "or choose another folder with --set train.out_dir=...")
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the decoder's initial weights
 
     train_src, val_src = build_source(cfg.data, "train"), build_source(cfg.data, "val")
     if state is not None:
@@ -262,8 +252,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     train_sampler = EpochSampler(len(train_ds), shuffle=True, seed=cfg.train.seed, rank=rank, world_size=world)
     loader_args = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                        worker_init_fn=leave_signals_to_main)
-    # its own generator: iterating a DataLoader draws a seed from it, and from torch's global one a validation
-    # repeated after a stop inside it would shift the resumed run's dropout and sampling
+    # its own generator: iterating a DataLoader draws a seed from it, and not from torch's global one
     val_loader = DataLoader(val_ds, cfg.train.batch_size, sampler=EpochSampler(len(val_ds), False, 0, rank, world),
                             collate_fn=collate_eval, generator=torch.Generator().manual_seed(0), **loader_args)
     steps_per_epoch = math.ceil(len(train_sampler) / cfg.train.batch_size)
@@ -283,7 +272,6 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         progress = StepState(**state["progress"])
         best = state["best"]
         average = state.get("average", average)
-        _set_rng_state(state["rng"])
     net = model
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -306,7 +294,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             save_checkpoint({"config": cfg.to_dict(), "vocab": vocab.to_dict(), "model": model.state_dict(),
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "scaler": scaler.state_dict(), "progress": vars(progress), "best": best,
-                             "average": average, "rng": _rng_state()}, path)
+                             "average": average, "world_size": world}, path)
 
     with StopFlag() as stop:
         def on_step() -> bool:

@@ -56,12 +56,12 @@ runpy.run_path(train_script, run_name="__main__")
 '''
 
 
-def _config(tmp_path: Path, name: str, batch_size: int, epochs: int) -> Path:
+def _config(tmp_path: Path, name: str, batch_size: int, epochs: int, **overrides) -> Path:
     cfg = tiny_config(tmp_path / name / "run", **{
         "data.num_train": 16, "data.num_val": 4, "data.captions_per_image": 2, "data.max_caption_len": 3,
         "model.embed_dim": 8, "model.hidden_dim": 16, "model.attention_dim": 8, "train.batch_size": batch_size,
         "train.epochs": epochs, "train.lr_schedule": "constant", "train.early_stop_patience": 0,
-        "train.device": "cpu", "train.max_decode_len": 4})
+        "train.device": "cpu", "train.max_decode_len": 4, **overrides})
     path = tmp_path / f"{name}.yaml"
     save_config(cfg, path)
     return path
@@ -155,6 +155,31 @@ def test_resume_under_torchrun_continues_the_run(runs):
     ddp_losses = [(a + b) / 2 for a, b in zip(resumed["losses"], _evidence(runs["resumed"], 1, 1)["losses"])]
     assert ddp_losses == pytest.approx(single["losses"], rel=1e-5)
     _assert_close(resumed["model"], single["model"], atol=1e-5)
+
+
+def test_a_run_of_two_processes_is_not_resumed_by_one(runs):
+    last = runs["ddp_run"] / "last.pt"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--resume", str(last), "--set",
+                             "train.epochs=3"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "written by a run of 2 process(es), and this one has 1" in result.stderr
+    assert "resume under torchrun with 2 processes in all" in result.stderr
+
+
+def test_a_resumed_run_with_dropout_draws_what_the_uninterrupted_one_drew_on_every_rank(tmp_path):
+    """Each rank draws its own dropout masks: a resume must give every rank its own random numbers back."""
+    # captions of their own lengths: the ranks draw different amounts of random numbers (scheduled sampling would
+    # ramp over train.epochs, which the resume raises)
+    noisy = {"model.dropout": 0.3, "data.max_caption_len": 16}
+    straight = _launch(tmp_path, "straight", ["--config", str(_config(tmp_path, "straight", PER_RANK_BATCH, 2,
+                                                                        **noisy))], nproc=2)
+    _launch(tmp_path, "stopped", ["--config", str(_config(tmp_path, "stopped", PER_RANK_BATCH, 1, **noisy))], nproc=2)
+    resumed = _launch(tmp_path, "resumed", ["--resume", str(tmp_path / "stopped" / "run" / "last.pt"), "--set",
+                                            "train.epochs=2"], nproc=2)
+    for rank in (0, 1):
+        want, got = _evidence(straight, rank, 1), _evidence(resumed, rank, 1)
+        assert got["losses"] == pytest.approx(want["losses"], rel=1e-6)
+        _assert_close(got["model"], want["model"], atol=1e-6)
 
 
 def test_two_machines_without_a_shared_filesystem(tmp_path):

@@ -86,7 +86,7 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 # Dropout, augmentation and scheduled sampling all draw random numbers, so the resumed run only matches the
-# uninterrupted one if the checkpoint carries the RNG states and the data order depends on (seed, epoch, index).
+# uninterrupted one if each step's draws depend on (seed, rank, step) and the data on (seed, epoch, index).
 RESUMABLE = {"train.epochs": 3, "train.batch_size": 8, "model.dropout": 0.3, "data.augment": True,
              "train.scheduled_sampling": 0.5, "train.seed": 7}  # 48 images / 8 -> 6 steps per epoch, 18 in all
 
