@@ -30,7 +30,15 @@ from captioning.data.datasets import (
 )
 from captioning.data.features import FeatureLoader, cache_record, extract_features
 from captioning.data.sources import CaptionSource
-from captioning.distributed import barrier, broadcast_object, cleanup, init_distributed, is_main, local_rank
+from captioning.distributed import (
+    barrier,
+    broadcast_object,
+    cleanup,
+    gather_objects,
+    init_distributed,
+    is_main,
+    local_rank,
+)
 from captioning.engine import (
     StepState,
     StopFlag,
@@ -323,9 +331,11 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                                          cfg.train, progress, cfg.train.epochs * steps_per_epoch, on_step,
                                          rewards=rewards)
             if stop.signal is not None:
-                log.warning("stopped by signal %d at epoch %d step %d; checkpoint %s (continue with --resume)",
-                            stop.signal, progress.epoch + 1, progress.step_in_epoch, out_dir / "last.pt")
+                if is_main():  # the process that wrote last.pt
+                    log.warning("stopped by signal %d at epoch %d step %d; checkpoint %s (continue with --resume)",
+                                stop.signal, progress.epoch + 1, progress.step_in_epoch, out_dir / "last.pt")
                 raise SystemExit(128 + stop.signal)
+            train_loss = sum(gather_objects(train_loss)) / world  # each rank's mean over its shard, all the same size
             predictions = predict(model, val_loader, device, cfg.train.val_beam_size, cfg.train.max_decode_len,
                                   amp=cfg.train.amp, should_stop=lambda: stop.signal is not None,
                                   cpu_bf16=cfg.train.cpu_bf16)
@@ -333,9 +343,10 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                 # The epoch's training is done and its validation is not: that is the state saved, so --resume
                 # trains no more of this epoch and validates it from the start.
                 checkpoint(out_dir / "last.pt")
-                log.warning("stopped by signal %d while validating epoch %d (%d of %d images decoded); checkpoint %s "
-                            "(continue with --resume)", stop.signal, progress.epoch + 1, len(predictions), len(val_ds),
-                            out_dir / "last.pt")
+                if is_main():
+                    log.warning("stopped by signal %d while validating epoch %d (%d of %d images decoded); checkpoint "
+                                "%s (continue with --resume)", stop.signal, progress.epoch + 1, len(predictions),
+                                len(val_ds), out_dir / "last.pt")
                 raise SystemExit(128 + stop.signal)
             scores = score_captions({i: val_refs[i] for i in predictions}, predictions, meteor=False)
             score = scores[cfg.train.select_metric]

@@ -42,8 +42,10 @@ def main(args: argparse.Namespace) -> None:
         sys.exit(f"error: {e}")
     try:
         train(cfg, resume=args.resume)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConfigError, CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")  # ValueError: data files in the wrong format, each named in its message
+    except OSError as e:  # a missing data file, a run folder that cannot be written
+        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}")
 
 
 if __name__ == "__main__":

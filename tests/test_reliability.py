@@ -740,11 +740,16 @@ def _main_fails_cleanly(tmp_path: Path, argv: list[str]) -> str:
 
 
 @pytest.mark.parametrize("case", ["coco-root-missing", "coco-without-root", "malformed-yaml", "run-exists",
-                                  "word-vectors-missing"])
+                                  "word-vectors-missing", "out-dir-under-a-file"])
 def test_train_script_reports_data_and_file_mistakes_without_a_traceback(tmp_path, case):
     out = tmp_path / "run"
     argv = ["--set", f"train.out_dir={out}"]
-    if case == "word-vectors-missing":
+    if case == "out-dir-under-a-file":
+        (tmp_path / "a_file").write_text("")
+        out = tmp_path / "a_file" / "run"
+        argv = ["--config", str(REPO / "configs" / "quickstart.yaml"), "--set", f"train.out_dir={out}",
+                "data.num_train=16", "data.num_val=4", f"data.feature_cache={tmp_path / 'features'}"]
+    elif case == "word-vectors-missing":
         argv += ["model.encoder_weights=null", f"model.word_vectors={tmp_path / 'glove.txt'}"]
     elif case == "coco-root-missing":
         argv += ["data.dataset=coco", f"data.root={tmp_path / 'nowhere'}"]
@@ -759,3 +764,5 @@ def test_train_script_reports_data_and_file_mistakes_without_a_traceback(tmp_pat
     assert message.startswith("error: ")
     if case == "word-vectors-missing":
         assert f"model.word_vectors {tmp_path / 'glove.txt'}: no such file" in message
+    if case == "out-dir-under-a-file":
+        assert message == f"error: {out}: Not a directory"
