@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_script
 from PIL import Image
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import Page, expect, sync_playwright
 
 from captioning import inference
 from captioning.data.sources import open_image
@@ -36,6 +38,22 @@ def files(tmp_path_factory) -> dict[str, Path]:
     data = photo.read_bytes()
     (folder / "cut.png").write_bytes(data[: len(data) // 2])
     return {"photo": photo, "text": folder / "not_a_photo.png", "truncated": folder / "cut.png"}
+
+
+@contextlib.contextmanager
+def served_page(app) -> Iterator[tuple[Page, int]]:
+    """The app served on a free port and opened in headless Chromium -> (the page, the port); both closed after."""
+    port = browser_tools.free_port()
+    demo.serve(app, port=port, prevent_thread_lock=True)
+    try:
+        with sync_playwright() as p:
+            browser = browser_tools.launch_browser(p)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            yield page, port
+            browser.close()
+    finally:
+        app.close()
 
 
 def expected_caption(captioner: ImageCaptioner, path: Path, beam_size: int = 3, max_len: int = 20) -> str:
@@ -237,52 +255,43 @@ def test_a_served_demo_forgets_a_session_once_idle(captioner, capsys):
                     reason=f"{browser_tools.CHROMIUM} not installed (Debian: apt-get install chromium)")
 def test_page_in_a_real_browser(trained_checkpoint, captioner, files):
     app = demo.build_app(trained_checkpoint)
-    port = browser_tools.free_port()
-    demo.serve(app, port=port, prevent_thread_lock=True)
-    try:
-        with sync_playwright() as p:
-            browser = browser_tools.launch_browser(p)
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/")
-            expect(page.get_by_text("run/best.pt", exact=True)).to_be_visible()  # its run folder and name only
-            assert str(trained_checkpoint.parent) not in page.content()
-            page.locator("#upload input[type=file]").set_input_files(files["photo"])
-            assert browser_tools.wait_for_caption(page) == expected_caption(captioner, files["photo"])
-            assert page.locator("#nbest").get_by_text("log-prob").is_visible()
-            assert page.locator("#attention img").count() > 0
-            table = page.locator("#nbest [role=grid]")
-            expect(table).to_have_attribute("aria-rowcount", "4")  # a header row and beam 3's captions
-            page.get_by_label("range slider for Beam size").press("ArrowRight")  # the keyboard re-captions too
-            expect(table).to_have_attribute("aria-rowcount", "5", timeout=30_000)
-            box = page.get_by_label("number input for Beam size")
-            toast = page.locator(".toast-body").filter(has_text=demo.SETTINGS_RANGE)
-            for typed in ["0", ""]:  # out of range, and an emptied box: a message, and the caption stays
-                box.fill(typed)
-                box.press("Enter")
-                expect(toast).to_have_count(1)
-                expect(table).to_have_attribute("aria-rowcount", "5")
-                assert page.locator("#caption .caption-text").is_visible()
-                expect(toast).to_have_count(0, timeout=30_000)  # the message goes after a while
-            box.blur()  # the box snaps back into range (1) and captions with it
-            expect(table).to_have_attribute("aria-rowcount", "2", timeout=30_000)
-            demo.forget_idle_sessions(app.state_holder, 0)  # as the sweeper does to a page left idle
-            page.get_by_label("range slider for Beam size").press("ArrowRight")
-            expect(page.locator("#caption .caption-problem")).to_have_text(demo.FORGOTTEN, timeout=30_000)
-            expect(page.locator("#upload input[type=file]")).to_have_count(1)  # the box is empty, ready for it
-            page.locator("#upload input[type=file]").set_input_files(files["photo"])
-            assert browser_tools.wait_for_caption(page) == expected_caption(captioner, files["photo"], beam_size=2)
+    with served_page(app) as (page, port):
+        expect(page.get_by_text("run/best.pt", exact=True)).to_be_visible()  # its run folder and name only
+        assert str(trained_checkpoint.parent) not in page.content()
+        page.locator("#upload input[type=file]").set_input_files(files["photo"])
+        assert browser_tools.wait_for_caption(page) == expected_caption(captioner, files["photo"])
+        assert page.locator("#nbest").get_by_text("log-prob").is_visible()
+        assert page.locator("#attention img").count() > 0
+        table = page.locator("#nbest [role=grid]")
+        expect(table).to_have_attribute("aria-rowcount", "4")  # a header row and beam 3's captions
+        page.get_by_label("range slider for Beam size").press("ArrowRight")  # the keyboard re-captions too
+        expect(table).to_have_attribute("aria-rowcount", "5", timeout=30_000)
+        box = page.get_by_label("number input for Beam size")
+        toast = page.locator(".toast-body").filter(has_text=demo.SETTINGS_RANGE)
+        for typed in ["0", ""]:  # out of range, and an emptied box: a message, and the caption stays
+            box.fill(typed)
+            box.press("Enter")
+            expect(toast).to_have_count(1)
+            expect(table).to_have_attribute("aria-rowcount", "5")
+            assert page.locator("#caption .caption-text").is_visible()
+            expect(toast).to_have_count(0, timeout=30_000)  # the message goes after a while
+        box.blur()  # the box snaps back into range (1) and captions with it
+        expect(table).to_have_attribute("aria-rowcount", "2", timeout=30_000)
+        demo.forget_idle_sessions(app.state_holder, 0)  # as the sweeper does to a page left idle
+        page.get_by_label("range slider for Beam size").press("ArrowRight")
+        expect(page.locator("#caption .caption-problem")).to_have_text(demo.FORGOTTEN, timeout=30_000)
+        expect(page.locator("#upload input[type=file]")).to_have_count(1)  # the box is empty, ready for it
+        page.locator("#upload input[type=file]").set_input_files(files["photo"])
+        assert browser_tools.wait_for_caption(page) == expected_caption(captioner, files["photo"], beam_size=2)
 
-            page.goto(f"http://127.0.0.1:{port}/")  # a fresh page: its upload box is empty again
-            page.locator("#upload input[type=file]").set_input_files(files["text"])
-            message = page.locator("#caption .caption-problem")
-            message.wait_for(state="visible", timeout=30_000)
-            assert message.inner_text().startswith("not_a_photo.png could not be read: not an image")
-            toast = page.locator(".toast-body").filter(has_text="not_a_photo.png could not be read")
-            toast.wait_for(state="visible", timeout=10_000)  # gr.Warning reaches the page from the model thread
-            assert "Traceback" not in page.content()
-            browser.close()
-    finally:
-        app.close()
+        page.goto(f"http://127.0.0.1:{port}/")  # a fresh page: its upload box is empty again
+        page.locator("#upload input[type=file]").set_input_files(files["text"])
+        message = page.locator("#caption .caption-problem")
+        message.wait_for(state="visible", timeout=30_000)
+        assert message.inner_text().startswith("not_a_photo.png could not be read: not an image")
+        toast = page.locator(".toast-body").filter(has_text="not_a_photo.png could not be read")
+        toast.wait_for(state="visible", timeout=10_000)  # gr.Warning reaches the page from the model thread
+        assert "Traceback" not in page.content()
 
 
 @pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own event statistics, under pandas 3
@@ -299,14 +308,8 @@ def test_a_photo_uploaded_while_the_last_one_is_captioned_gets_its_caption(capti
         return describe_photo(captioner, path, *args)
 
     monkeypatch.setattr(demo, "describe_photo", slow_for_the_first)
-    app = demo.build_app(captioner)
-    port = browser_tools.free_port()
-    demo.serve(app, port=port, prevent_thread_lock=True)
-    try:
-        with sync_playwright() as p:
-            browser = browser_tools.launch_browser(p)
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/")
+    with served_page(demo.build_app(captioner)) as (page, _):
+        try:
             page.locator("#upload input[type=file]").set_input_files(slow_photo)
             assert first_started.wait(60)
             page.locator("#upload").get_by_label("Clear").click()  # the upload box's X, while the caption runs
@@ -315,7 +318,5 @@ def test_a_photo_uploaded_while_the_last_one_is_captioned_gets_its_caption(capti
             page.wait_for_timeout(1000)  # the photo is stored, and its caption asked for while the first one runs
             release.set()  # the first caption ends (unseen)
             assert browser_tools.wait_for_caption(page, 30_000) == expected_caption(captioner, files["photo"])
-            browser.close()
-    finally:
-        release.set()
-        app.close()
+        finally:
+            release.set()  # a failed check leaves no model thread waiting
