@@ -266,6 +266,11 @@ def at_least(low: int):
     return integer
 
 
+def os_error_line(e: OSError) -> str:
+    """A script's one-line message for an OSError: 'error: PATH: reason' when the error names its file."""
+    return f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}"
+
+
 def finite(text: str) -> float:
     """An argparse type for a command-line number that must be finite (not nan or inf)."""
     value = float(text)  # argparse reports "invalid finite value" when this fails

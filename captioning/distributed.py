@@ -21,12 +21,12 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def global_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return global_rank() == 0
 
 
 def local_rank() -> int:

@@ -260,9 +260,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     train_sampler = EpochSampler(len(train_ds), shuffle=True, seed=cfg.train.seed, rank=rank, world_size=world)
     loader_args = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                        worker_init_fn=leave_signals_to_main)
-    # its own generator: iterating a DataLoader draws a seed from it, and not from torch's global one
     val_loader = DataLoader(val_ds, cfg.train.batch_size, sampler=EpochSampler(len(val_ds), False, 0, rank, world),
-                            collate_fn=collate_eval, generator=torch.Generator().manual_seed(0), **loader_args)
+                            collate_fn=collate_eval, **loader_args)
     steps_per_epoch = math.ceil(len(train_sampler) / cfg.train.batch_size)
 
     optimizer = build_optimizer(model, cfg)

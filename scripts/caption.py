@@ -17,7 +17,7 @@ from pathlib import Path
 
 from captioning.batch import DEFAULT_MAX_PIXELS, FORMATS, caption_files, expand_inputs, format_for, open_writer
 from captioning.checkpoint import CheckpointError
-from captioning.config import at_least
+from captioning.config import at_least, os_error_line
 from captioning.engine import Stopped
 from captioning.inference import ImageCaptioner
 
@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a missing input, an output or list file that cannot be read or written
-        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}")
+        sys.exit(os_error_line(e))
     for error in unreadable:
         report_unreadable_folder(error)
     try:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from captioning.checkpoint import CheckpointError, load_checkpoint
-from captioning.config import ConfigError, load_config
+from captioning.config import ConfigError, load_config, os_error_line
 from captioning.training import train
 
 
@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> None:
     except (ConfigError, CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")  # ValueError: data files in the wrong format, each named in its message
     except OSError as e:  # a missing data file, a run folder that cannot be written
-        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}")
+        sys.exit(os_error_line(e))
 
 
 if __name__ == "__main__":

@@ -65,11 +65,8 @@ def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess:
     folder.mkdir(parents=True, exist_ok=True)
     encoder = encoder.eval()
     dataset = EvalDataset(ImageLoader(loader_source, preprocess), len(loader_source))
-    # its own generator: iterating a DataLoader draws a seed from it, and from torch's global one that would shift
-    # a training run's random stream (its dropout) by whether the cache was already on disk
     loader = DataLoader(dataset, batch_size, collate_fn=collate_eval, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),
-                        worker_init_fn=leave_signals_to_main)
+                        pin_memory=device.type == "cuda", worker_init_fn=leave_signals_to_main)
     dtype = np.dtype(record["dtype"])
     tmp, meta_tmp = folder / f".{split}.npy.tmp", folder / f".{split}.json.tmp"
     array, read = None, np.zeros(len(dataset), dtype=bool)
