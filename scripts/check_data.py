@@ -1,13 +1,13 @@
-"""Load the real caption data under --data-root through the project's own loaders and report what is there.
+"""Load the caption data under --data-root through the project's own loaders and report what is there.
 
-    python scripts/check_data.py --data-root ../shared/data
-    python scripts/check_data.py --data-root ../shared/data --max-images 200   # open only the first 200 per split
+    python scripts/check_data.py                                        # data/coco and data/flickr8k
+    python scripts/check_data.py --datasets flickr8k --max-images 200   # one dataset, 200 images per split
 
-Expects COCO 2017 in <data-root>/coco_mini (annotations/captions_{train,val}2017.json, {train,val}2017/) and
-Flickr8k in <data-root>/flickr8k (Flickr8k.token.txt, Flickr_8k.{train,dev}Images.txt, images/); other folder names
-are set with --coco-dir, --flickr8k-dir and --flickr8k-images (the official Flickr8k zip unpacks its images into
-Flicker8k_Dataset/). Prints per split the image and caption counts, captions per image, mean caption length in
-tokens and the images that fail to open; exits with status 1 if any split fails to load or any image fails to open.
+Expects COCO in <data-root>/coco (annotations/captions_{train,val}<year>.json, {train,val}<year>/) and Flickr8k in
+<data-root>/flickr8k (Flickr8k.token.txt, Flickr_8k.{train,dev}Images.txt, and the images in Flicker8k_Dataset/, the
+official zip's spelling); other folder names are set with --coco-dir, --flickr8k-dir and --flickr8k-images. Prints per
+split the image and caption counts, captions per image, mean caption length in tokens and the images that fail to
+open; exits with status 1 if any split fails to load or any image fails to open.
 """
 
 import argparse
@@ -24,10 +24,15 @@ from captioning.vocab import tokenize
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", required=True, type=Path, help="folder holding coco_mini/ and flickr8k/")
-    p.add_argument("--coco-dir", default="coco_mini", help="COCO root, relative to --data-root")
-    p.add_argument("--flickr8k-dir", default="flickr8k", help="Flickr8k root, relative to --data-root")
-    p.add_argument("--flickr8k-images", default="images", help="Flickr8k image folder, relative to --flickr8k-dir")
+    p.add_argument("--data-root", type=Path, default=Path("data"), help="folder holding the datasets (default: data)")
+    p.add_argument("--datasets", nargs="+", choices=("coco", "flickr8k"), default=["coco", "flickr8k"],
+                   help="which datasets to check (default: both)")
+    p.add_argument("--coco-dir", default="coco", help="COCO root, relative to --data-root (default: coco)")
+    p.add_argument("--coco-year", type=int, choices=(2014, 2017), default=2017, help="COCO release (default: 2017)")
+    p.add_argument("--flickr8k-dir", default="flickr8k",
+                   help="Flickr8k root, relative to --data-root (default: flickr8k)")
+    p.add_argument("--flickr8k-images", default="Flicker8k_Dataset",
+                   help="Flickr8k image folder, relative to --flickr8k-dir (default: Flicker8k_Dataset)")
     p.add_argument("--max-images", type=at_least(1), default=None, help="open at most this many images per split")
     p.add_argument("--show-failures", type=at_least(0), default=10,
                    help="list at most this many failed images per split")
@@ -86,12 +91,15 @@ def main(args: argparse.Namespace) -> int:
     flickr_hint = (f"--flickr8k-dir (relative to --data-root) names the folder of the token file and split lists, "
                    f"now {flickr_root}; --flickr8k-images (relative to --flickr8k-dir) the image folder, now "
                    f"{flickr_images}")
-    checks = {
-        "coco2017/val": (lambda: coco_source(coco_root, "val", 2017), coco_hint),
-        "coco2017/train": (lambda: coco_source(coco_root, "train", 2017), coco_hint),
-        "flickr8k/train": (lambda: flickr8k_source(flickr_root, "train", image_dir=flickr_images), flickr_hint),
-        "flickr8k/val": (lambda: flickr8k_source(flickr_root, "val", image_dir=flickr_images), flickr_hint),
-    }
+    year = args.coco_year
+    checks = {}
+    if "coco" in args.datasets:
+        for split in ("val", "train"):
+            checks[f"coco{year}/{split}"] = (lambda split=split: coco_source(coco_root, split, year), coco_hint)
+    if "flickr8k" in args.datasets:
+        for split in ("train", "val"):
+            checks[f"flickr8k/{split}"] = (
+                lambda split=split: flickr8k_source(flickr_root, split, image_dir=flickr_images), flickr_hint)
     results = [check_source(name, build, hint, args.max_images, args.show_failures)
                for name, (build, hint) in checks.items()]
     not_loaded = sum(not r["loaded"] for r in results)

@@ -156,18 +156,17 @@ def _check_data(*argv) -> int:
 
 
 def test_check_data_loads_coco_and_flickr8k_and_lists_the_image_that_fails(make_coco, make_flickr8k, tmp_path, capsys):
-    """scripts/check_data.py on generated files laid out like the project's shared data folder."""
+    """scripts/check_data.py with its defaults on generated files laid out as the README lays out data/."""
     for split in ("train", "val"):
         make_coco(tmp_path, split=split, n_images=3)
-    make_flickr8k(tmp_path, image_dir="images")
-    (tmp_path / "flickr8k" / "images" / "bad.jpg").write_bytes(b"not a jpeg")
+    make_flickr8k(tmp_path)
+    (tmp_path / "flickr8k" / "Flicker8k_Dataset" / "bad.jpg").write_bytes(b"not a jpeg")
     with open(tmp_path / "flickr8k" / "Flickr_8k.devImages.txt", "a") as f:
         f.write("bad.jpg\n")
     with open(tmp_path / "flickr8k" / "Flickr8k.token.txt", "a") as f:
         f.write("bad.jpg#0\tA broken file .\n")
 
-    args = check_data.get_args_parser().parse_args(["--data-root", str(tmp_path), "--coco-dir", "coco"])
-    assert check_data.main(args) == 1
+    assert _check_data("--data-root", tmp_path) == 1
     out = capsys.readouterr().out
     assert "coco2017/val: 3 images, 16 captions" in out and "flickr8k/train: 4 images, 20 captions" in out
     assert "bad.jpg: not an image" in out
@@ -175,20 +174,22 @@ def test_check_data_loads_coco_and_flickr8k_and_lists_the_image_that_fails(make_
 
 
 def test_check_data_missing_coco_names_the_option(make_flickr8k, tmp_path, capsys):
-    make_flickr8k(tmp_path, image_dir="images")
+    make_flickr8k(tmp_path)
     assert _check_data("--data-root", tmp_path) == 1
     out = capsys.readouterr().out
     assert "coco2017/val: FAILED to load" in out
-    assert f"this script: --coco-dir (relative to --data-root) names the COCO folder, now {tmp_path}/coco_mini" in out
+    assert f"this script: --coco-dir (relative to --data-root) names the COCO folder, now {tmp_path}/coco" in out
     assert "check_data: 2/4 splits loaded" in out
 
 
-def test_check_data_missing_flickr8k_images_names_the_options(make_coco, make_flickr8k, tmp_path, capsys):
-    make_flickr8k(tmp_path)  # images in Flicker8k_Dataset/, not the default images/
-    assert _check_data("--data-root", tmp_path) == 1
+def test_check_data_checks_only_the_datasets_named(make_flickr8k, tmp_path, capsys):
+    make_flickr8k(tmp_path, image_dir="images")
+    assert _check_data("--data-root", tmp_path, "--datasets", "flickr8k") == 1
     assert "--flickr8k-images (relative to --flickr8k-dir)" in capsys.readouterr().out
-    assert _check_data("--data-root", tmp_path, "--flickr8k-images", "Flicker8k_Dataset") == 1  # COCO is missing
-    assert "flickr8k/train: FAILED" not in capsys.readouterr().out
+    assert _check_data("--data-root", tmp_path, "--datasets", "flickr8k", "--flickr8k-images", "images") == 0
+    out = capsys.readouterr().out
+    assert "coco" not in out
+    assert out.strip().splitlines()[-1].startswith("check_data: 2/2 splits loaded")
 
 
 @pytest.mark.parametrize("argv", [["--max-images", "-5"], ["--max-images", "0"], ["--show-failures", "-1"]])
