@@ -83,7 +83,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         head = f.read(2)
         if head and head not in (b"PK", b"\x80\x02"):  # torch.save's zip archive; its older pickle format
             raise CheckpointError(f"{path} is not a PyTorch checkpoint, or is corrupt from its first bytes; name one "
-                                  "that scripts/train.py wrote (RUN/best.pt, RUN/last.pt or RUN/averaged.pt)")
+                                  "that scripts/train.py wrote, such as RUN/last.pt or RUN/best.pt")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
