@@ -110,6 +110,20 @@ def _add_to_average(average: dict[str, Any], model: Captioner, epoch: int) -> No
     average["epochs"].append(epoch)
 
 
+def _wait_for_cache() -> None:
+    """The barrier at which ranks wait while another extracts a feature cache. Ctrl-C to the whole job stops the
+    extracting rank with its own message, and its exit breaks the barrier: a rank stopped while waiting then exits
+    with 128 + the signal, without a traceback of its own."""
+    with StopFlag() as stop:
+        try:
+            barrier()
+        except RuntimeError:  # Gloo and NCCL: the peer that closed the connection
+            if stop.signal is None:
+                raise
+    if stop.signal is not None:
+        raise SystemExit(128 + stop.signal)
+
+
 def _input_loaders(cfg: Config, model: Captioner, preprocess: Preprocess, train_src: CaptionSource,
                    val_src: CaptionSource, device: torch.device) -> tuple[InputLoader, InputLoader]:
     """Images through the encoder in the loop, or features from the cache (extracted first if missing)."""
@@ -130,7 +144,7 @@ def _input_loaders(cfg: Config, model: Captioner, preprocess: Preprocess, train_
                     log.warning("stopped by signal %d while caching the %s split's features in %s (splits cached "
                                 "before it are kept); run the same command again to go on", e.signum, split, folder)
                     raise SystemExit(128 + e.signum) from None
-            barrier()
+            _wait_for_cache()
         loaders.append(FeatureLoader(folder, split, record))
         if loaders[-1].unreadable and is_main():  # left out without a warning per image and epoch
             log.warning("feature cache: %d of the %d %s images could not be read when it was made and are left out "

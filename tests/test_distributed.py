@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,7 +52,13 @@ def save_checkpoint(state, path):
         f.write(os.path.basename(str(path)) + "\\n")
     save(state, path)
 
-training.train_one_epoch, training.save_checkpoint = train_one_epoch, save_checkpoint
+wait = training.barrier
+
+def barrier():
+    open(os.path.join(evidence, f"barrier_rank{rank}"), "a").close()
+    wait()
+
+training.train_one_epoch, training.save_checkpoint, training.barrier = train_one_epoch, save_checkpoint, barrier
 sys.argv = [train_script, *sys.argv[3:]]
 runpy.run_path(train_script, run_name="__main__")
 '''
@@ -217,3 +225,30 @@ def test_two_machines_without_a_shared_filesystem(tmp_path):
     rank0, rank1 = _evidence(evidence, 0, 0), _evidence(evidence, 1, 0)
     assert rank0["steps"] == rank1["steps"] == 2  # 16 images / 2 ranks / 4 per step
     assert all(torch.equal(weight, rank1["model"][key]) for key, weight in rank0["model"].items())
+
+
+def test_ctrl_c_while_rank_zero_caches_features_stops_every_rank_without_a_traceback(tmp_path):
+    """Ctrl-C in the terminal reaches torchrun and every rank. Rank 0 stops its extraction with its one line; rank 1,
+    waiting at the barrier meanwhile, exits when rank 0's exit breaks the barrier, without a traceback."""
+    cache = tmp_path / "features"
+    config = _config(tmp_path, "stop", PER_RANK_BATCH, 1, **{"data.feature_cache": str(cache),
+                                                              "data.num_train": 20000})
+    evidence = tmp_path / "stop" / "evidence"
+    torchrun = ["--nproc_per_node", "2", "--standalone"]
+    job = subprocess.Popen(_command(tmp_path, evidence, torchrun, ["--config", str(config)]), cwd=tmp_path,
+                           env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)  # its own process group, as a terminal's job has
+    try:
+        deadline = time.monotonic() + 120
+        while not ((cache / ".train.npy.tmp").exists() and (evidence / "barrier_rank1").exists()):
+            assert job.poll() is None and time.monotonic() < deadline, "the run never reached the barrier"
+            time.sleep(0.1)
+        assert not (evidence / "barrier_rank0").exists()  # rank 0 is still extracting
+        os.killpg(job.pid, signal.SIGINT)
+        log = job.communicate(timeout=60)[0]
+    finally:
+        job.kill()
+    assert "stopped by signal 2 while caching the train split's features" in log
+    rank1 = [line for line in log.splitlines() if line.startswith("[rank1]")]
+    assert not any("Traceback" in line for line in rank1), "\n".join(rank1[-30:])
+    assert sorted(p.name for p in cache.iterdir()) == []
