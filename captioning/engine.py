@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import math
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from captioning.config import ConfigError, TrainConfig
+from captioning.data.datasets import report_unreadable
 from captioning.decoding import decode
 from captioning.distributed import gather_objects, global_rank, is_main, local_rank
 from captioning.metrics import score_captions
@@ -48,6 +51,14 @@ def resolve_device(name: str = "auto") -> torch.device:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
+
+
+@contextlib.contextmanager
+def console_logging(level: int) -> Iterator[None]:
+    """A script's log lines: the message alone, from `level` up, written above the progress bar instead of into it."""
+    logging.basicConfig(level=level, format="%(message)s")
+    with logging_redirect_tqdm():
+        yield
 
 
 class StopFlag:
@@ -190,7 +201,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     model.train()
     bar = tqdm(loader, desc=f"epoch {progress.epoch + 1}", disable=not is_main(), leave=False, dynamic_ncols=True)
     for batch in bar:
-        if not batch:  # every image of the batch was unreadable (each already reported); the step still counts
+        if not report_unreadable(batch):  # every image of the batch was unreadable; the step still counts
             _advance(progress, scheduler)
             continue
         # The step's random numbers (dropout, scheduled sampling, self-critical samples) depend on (seed, rank, step)
@@ -246,7 +257,7 @@ def predict(model: Captioner, loader, device: torch.device, beam_size: int = 1, 
     for batch in tqdm(loader, desc=desc, disable=not is_main(), leave=False, dynamic_ncols=True):
         if should_stop is not None and should_stop():
             break
-        if not batch:
+        if not report_unreadable(batch):
             continue
         with autocast(device, amp, cpu_bf16):
             grid, pooled = model.encode(batch["inputs"].to(device, non_blocking=True))

@@ -267,7 +267,7 @@ def training_batches(n_images: int, per_image: int, device: torch.device, image_
     """The same captions with cached features (B, 49, 2048) and with images (B, 3, 224, 224)."""
     g = torch.Generator().manual_seed(0)
     captions, image_index = random_captions(n_images, per_image, VOCAB_SIZE, g)
-    common = {"captions": captions.to(device), "image_index": image_index.to(device)}
+    common = {"captions": captions.to(device), "image_index": image_index.to(device), "skipped": []}
     features = {"inputs": grid_features(n_images, device, g), **common}
     images = {"inputs": torch.randn(n_images, 3, image_size, image_size, generator=g).to(device), **common}
     return features, images

@@ -10,6 +10,7 @@ Images that cannot be read are named in warnings, left out of the scores and cou
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 from captioning.checkpoint import CheckpointError
 from captioning.config import ConfigError, at_least, finite, load_config
 from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, build_source, collate_eval
-from captioning.engine import check_cpu_bf16, evaluate, leave_signals_to_main, resolve_device
+from captioning.engine import check_cpu_bf16, console_logging, evaluate, leave_signals_to_main, resolve_device
 from captioning.models import load_model
 
 
@@ -94,4 +95,5 @@ def main(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main(get_args_parser().parse_args())
+    with console_logging(logging.WARNING):
+        main(get_args_parser().parse_args())

@@ -9,6 +9,7 @@ other settings is refused, as train.py refuses it, unless --overwrite replaces i
 """
 
 import argparse
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from captioning.config import ConfigError, at_least, load_config
 from captioning.data.datasets import Preprocess, build_source
 from captioning.data.features import FeatureLoader, cache_record, extract_features
-from captioning.engine import Stopped, resolve_device
+from captioning.engine import Stopped, console_logging, resolve_device
 from captioning.models.encoder import Encoder
 
 
@@ -77,4 +78,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    with console_logging(logging.WARNING):
+        main(get_args_parser().parse_args())

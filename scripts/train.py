@@ -13,6 +13,7 @@ from pathlib import Path
 
 from captioning.checkpoint import CheckpointError, load_checkpoint
 from captioning.config import ConfigError, load_config, os_error_line
+from captioning.engine import console_logging
 from captioning.training import train
 
 
@@ -28,7 +29,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.resume and args.config:
         sys.exit("error: --resume continues with the config saved in the checkpoint; drop --config (--set still "
                  "applies)")
@@ -49,4 +49,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    with console_logging(logging.INFO):
+        main(get_args_parser().parse_args())

@@ -31,7 +31,14 @@ from PIL import Image
 
 from captioning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from captioning.config import ConfigError, load_config, save_config
-from captioning.data.datasets import ImageLoader, Preprocess, TrainDataset, build_source
+from captioning.data.datasets import (
+    ImageLoader,
+    Preprocess,
+    TrainDataset,
+    build_source,
+    collate_train,
+    report_unreadable,
+)
 from captioning.data.features import FeatureLoader
 from captioning.data.sources import BadImageError, CaptionSource, Sample, open_image
 from captioning.models.captioner import load_model
@@ -407,9 +414,27 @@ def test_an_image_cut_inside_its_header_is_reported_by_name(tmp_path, make_jpeg,
     path.write_bytes(path.read_bytes()[:300])  # Pillow fails in Image.open, before decoding
     source = CaptionSource([Sample(image_id=1, path=str(path), captions=["a photo"])])
     dataset = TrainDataset(ImageLoader(source, Preprocess(32, (0.5,) * 3, (0.5,) * 3)), [[[1, 2]]])
+    batch = collate_train([dataset[0]])
     caplog.set_level(logging.WARNING, logger="captioning")
-    assert dataset[0] is None
+    assert not report_unreadable(batch)  # no image left in the batch
     assert str(path) in caplog.text
+
+
+@PIL_WARNINGS
+def test_a_loader_worker_names_an_unreadable_image_on_a_line_of_its_own(tmp_path, make_coco):
+    """The message comes back with the batch and is logged above the progress bar: a worker printing it itself
+    would continue the bar's line."""
+    root, cfg = _coco_config(tmp_path, make_coco, "run", **{"train.batch_size": 2, "data.num_workers": 1})
+    broken = Path(build_source(cfg.data, "train").samples[3].path)
+    broken.write_bytes(b"not a jpeg")
+    config = tmp_path / "config.yaml"
+    save_config(cfg, config)
+    done = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--config", str(config)], capture_output=True,
+                          text=True, env=CHILD_ENV, cwd=REPO, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = re.split(r"[\r\n]", done.stderr)
+    named = [line for line in lines if str(broken) in line]
+    assert named and all(line.startswith("skipping training image ") for line in named), named
 
 
 def test_a_feature_cache_leaves_out_the_images_it_could_not_read(tmp_path, make_coco, caplog):

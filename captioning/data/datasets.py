@@ -115,7 +115,7 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[torch.Tensor], int] | None:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[torch.Tensor], int] | str | None:
         # Randomness depends on (seed, epoch, i) only, so a resumed run sees exactly the batches it would have seen.
         g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
         refs = self.captions[i]
@@ -126,27 +126,40 @@ class TrainDataset(Dataset):
         except ReportedImageError:
             return None
         except (BadImageError, OSError) as e:
-            log.warning("skipping training image %d: %s", i, e)
-            return None
+            return f"skipping training image {i}: {e}"
         return x, [torch.tensor(c) for c in chosen], i
 
 
-def collate_train(items: list) -> dict[str, torch.Tensor]:
+def _readable(items: list) -> tuple[list, list[str]]:
+    """A batch's items -> (those read, the messages naming those that could not be). A worker returns the message
+    instead of printing it, which would land inside the main process's progress bar."""
+    return [it for it in items if isinstance(it, tuple)], [it for it in items if isinstance(it, str)]
+
+
+def report_unreadable(batch: dict) -> bool:
+    """Warn of the batch's unreadable images -> whether any image of the batch was read."""
+    for message in batch["skipped"]:
+        log.warning(message)
+    return "inputs" in batch
+
+
+def collate_train(items: list) -> dict:
     """-> inputs (B, ...), captions (B*k, T) padded with <pad>, image_index (B*k,) row of each caption's image,
-    index (B,) dataset index of each image."""
-    items = [it for it in items if it is not None]
+    index (B,) dataset index of each image, skipped: messages naming the unreadable images (alone when no image was
+    read)."""
+    items, skipped = _readable(items)
     if not items:
-        return {}
+        return {"skipped": skipped}
     inputs = torch.stack([x for x, _, _ in items])
     caps = [c for _, cs, _ in items for c in cs]
     image_index = torch.tensor([b for b, (_, cs, _) in enumerate(items) for _ in cs])
     captions = torch.nn.utils.rnn.pad_sequence(caps, batch_first=True, padding_value=PAD_ID)
     index = torch.tensor([i for _, _, i in items])
-    return {"inputs": inputs, "captions": captions, "image_index": image_index, "index": index}
+    return {"inputs": inputs, "captions": captions, "image_index": image_index, "index": index, "skipped": skipped}
 
 
 class EvalDataset(Dataset):
-    """Item i: (input, i); unreadable images yield None and are reported."""
+    """Item i: (input, i); an unreadable image yields the message naming it (None if reported already)."""
 
     def __init__(self, load: InputLoader, size: int):
         self.load, self.size = load, size
@@ -154,21 +167,22 @@ class EvalDataset(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | str | None:
         try:
             return self.load(i, None), i
         except ReportedImageError:
             return None
         except (BadImageError, OSError) as e:
-            log.warning("skipping image %d: %s", i, e)
-            return None
+            return f"skipping image {i}: {e}"
 
 
-def collate_eval(items: list) -> dict[str, torch.Tensor]:
-    items = [it for it in items if it is not None]
+def collate_eval(items: list) -> dict:
+    """-> inputs (B, ...), index (B,), skipped: messages naming the unreadable images (alone when none was read)."""
+    items, skipped = _readable(items)
     if not items:
-        return {}
-    return {"inputs": torch.stack([x for x, _ in items]), "index": torch.tensor([i for _, i in items])}
+        return {"skipped": skipped}
+    return {"inputs": torch.stack([x for x, _ in items]), "index": torch.tensor([i for _, i in items]),
+            "skipped": skipped}
 
 
 class EpochSampler(Sampler[int]):

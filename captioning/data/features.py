@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioning.config import Config, ConfigError
-from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, collate_eval
+from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, collate_eval, report_unreadable
 from captioning.data.sources import CaptionSource, ReportedImageError
 from captioning.engine import StopFlag, Stopped, leave_signals_to_main
 from captioning.models.encoder import Encoder
@@ -73,7 +73,7 @@ def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess:
     try:  # a stopped or failed extraction leaves no temp file behind
         with StopFlag() as stop:
             for batch in tqdm(loader, desc=f"features {split}", dynamic_ncols=True):
-                if batch:
+                if report_unreadable(batch):
                     grid, _ = encoder(batch["inputs"].to(device, non_blocking=True))  # (B, N, C)
                     if array is None:
                         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
