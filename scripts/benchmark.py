@@ -586,7 +586,8 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="captioning-benchmark-") as tmp:
         for area in sorted(dict.fromkeys(args.areas), key=lambda a: a == "train"):  # as given, each once, train last
             print()
-            with autocast(device, cpu_bf16=args.bf16):  # inner autocasts are off on a CPU: this one holds
+            # --bf16 (CPUs only) holds for the whole area; on CUDA each area sets its own precision
+            with autocast(device, enabled=args.bf16, cpu_bf16=args.bf16):
                 results.append(BENCHMARKS[area](args, device, Path(tmp)))
     print(f"\nsummary ({device}, {torch.get_num_threads()} threads{', quick' if args.quick else ''}"
           f"{', bf16' if args.bf16 else ''}): "
