@@ -42,10 +42,10 @@ for name in "${names[@]}"; do
   [ -v "VARIANTS[$name]" ] || { echo "unknown variant '$name'; known: ${!VARIANTS[*]}" >&2; exit 2; }
   out=runs/ablations/$name
   [ -f "$out/metrics.jsonl" ] && [ "$(wc -l < "$out/metrics.jsonl")" -ge "$EPOCHS" ] && continue  # done before
-  resume=()
-  [ -f "$out/last.pt" ] && resume=(--resume "$out/last.pt")
+  start=(--config configs/flickr8k_attention.yaml)
+  [ -f "$out/last.pt" ] && start=(--resume "$out/last.pt")  # a stopped variant goes on with its saved config
   # shellcheck disable=SC2086  # the variant's overrides are separate words
-  "$PY" scripts/train.py --config configs/flickr8k_attention.yaml "${resume[@]}" --set \
+  "$PY" scripts/train.py "${start[@]}" --set \
     data.root="$FLICKR8K" data.image_dir="$IMAGES" model.encoder_weights="$WEIGHTS" data.feature_cache="$CACHE" \
     data.num_workers=0 data.image_size=224 train.lr=1e-3 \
     train.epochs="$EPOCHS" train.scst_epochs=0 train.average_epochs=0 train.select_metric=CIDEr \
