@@ -51,6 +51,15 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def on_every_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank; each rank must call it (a collective on `device`, as the backend needs)."""
+    if not dist.is_initialized():
+        return flag
+    box = torch.tensor(int(flag), device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MIN)
+    return bool(box.item())
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

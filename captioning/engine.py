@@ -21,7 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from captioning.config import ConfigError, TrainConfig
 from captioning.data.datasets import report_unreadable
 from captioning.decoding import decode
-from captioning.distributed import gather_objects, global_rank, is_main, local_rank
+from captioning.distributed import gather_objects, global_rank, is_main, local_rank, on_every_rank
 from captioning.metrics import score_captions
 from captioning.models import Captioner
 from captioning.rewards import SampleRewards
@@ -222,12 +222,16 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
         tracked = loss_value if rewards is None else sample_rewards.mean().item()
-        if not math.isfinite(loss_value):
+        # Under torchrun every rank skips the step together: one that went on would wait in DDP's gradient
+        # all-reduce for the rank that skipped it
+        if not on_every_rank(math.isfinite(loss_value), device):
             progress.skipped_nonfinite += 1
             if progress.skipped_nonfinite > 10:
-                raise FloatingPointError(f"loss was {loss_value} on more than 10 steps (last at step "
+                raise FloatingPointError(f"the loss was not finite on more than 10 steps (last at step "
                                          f"{progress.global_step}); lower train.lr or turn off train.amp")
-            bar.write(f"step {progress.global_step}: loss is {loss_value}, step skipped")
+            if is_main():
+                where = f"is {loss_value}" if not math.isfinite(loss_value) else "was not finite on another process"
+                bar.write(f"step {progress.global_step}: loss {where}, step skipped")
         else:
             scaler.scale(loss).backward()
             if cfg.grad_clip > 0:

@@ -42,7 +42,7 @@ def main(args: argparse.Namespace) -> None:
         sys.exit(f"error: {e}")
     try:
         train(cfg, resume=args.resume)
-    except (ConfigError, CheckpointError, ValueError) as e:
+    except (ConfigError, CheckpointError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")  # ValueError: data files in the wrong format, each named in its message
     except OSError as e:  # a missing data file, a run folder that cannot be written
         sys.exit(os_error_line(e))

@@ -52,6 +52,18 @@ def save_checkpoint(state, path):
         f.write(os.path.basename(str(path)) + "\\n")
     save(state, path)
 
+nan_calls = {int(n) for n in os.environ.get("NAN_LOSS_CALLS_RANK1", "").split(",") if n}
+if rank == 1 and nan_calls:  # these (1-based) calls of caption_loss give NaN on rank 1
+    import captioning.engine as engine
+    real_loss, calls = engine.caption_loss, []
+
+    def caption_loss(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) in nan_calls else loss
+
+    engine.caption_loss = caption_loss
+
 wait = training.barrier
 
 def barrier():
@@ -85,15 +97,16 @@ def _command(tmp_path: Path, evidence: Path, torchrun: list[str], args: list[str
     return [*prefix, str(launcher), str(evidence), str(REPO / "scripts" / "train.py"), *args]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank: 2 ranks share the 2 CPU cores CI has
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}  # one thread per rank: 2 ranks share CI's 2 CPU cores
 
 
-def _launch(tmp_path: Path, name: str, args: list[str], nproc: int) -> Path:
-    """Run scripts/train.py with `args` through the launcher (under torchrun when nproc > 1) -> evidence folder."""
+def _launch(tmp_path: Path, name: str, args: list[str], nproc: int, **env: str) -> Path:
+    """Run scripts/train.py with `args` through the launcher (under torchrun when nproc > 1), with `env` added to
+    the environment -> evidence folder."""
     evidence = tmp_path / name / "evidence"
     torchrun = ["--nproc_per_node", str(nproc), "--standalone"] if nproc > 1 else []
-    result = subprocess.run(_command(tmp_path, evidence, torchrun, args), cwd=tmp_path, env=_env(),
+    result = subprocess.run(_command(tmp_path, evidence, torchrun, args), cwd=tmp_path, env=_env(**env),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return evidence
@@ -188,6 +201,18 @@ def test_a_resumed_run_with_dropout_draws_what_the_uninterrupted_one_drew_on_eve
         want, got = _evidence(straight, rank, 1), _evidence(resumed, rank, 1)
         assert got["losses"] == pytest.approx(want["losses"], rel=1e-6)
         _assert_close(got["model"], want["model"], atol=1e-6)
+
+
+def test_a_loss_that_is_not_finite_on_one_rank_is_skipped_on_both(tmp_path):
+    """Rank 1's second step has a NaN loss: both ranks skip that step (a rank that went on would wait for the other
+    in DDP's gradient all-reduce) and train on with the same weights."""
+    config = _config(tmp_path, "nan", PER_RANK_BATCH, 1)
+    evidence = _launch(tmp_path, "nan", ["--config", str(config)], nproc=2, NAN_LOSS_CALLS_RANK1="2")
+    rank0, rank1 = _evidence(evidence, 0, 0), _evidence(evidence, 1, 0)
+    assert rank0["steps"] == rank1["steps"] == 2
+    assert all(torch.equal(weight, rank1["model"][key]) for key, weight in rank0["model"].items())
+    progress = torch.load(tmp_path / "nan" / "run" / "last.pt", weights_only=True)["progress"]
+    assert progress["skipped_nonfinite"] == 1
 
 
 def test_two_machines_without_a_shared_filesystem(tmp_path):
