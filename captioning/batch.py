@@ -387,6 +387,19 @@ def attention_file(folder: Path, path: str) -> Path:
     return folder.joinpath(*parts).with_name(path.name + ".png")
 
 
+def _save_attention(path: str, caption: Caption, attention_dir: Path, max_pixels: int) -> None:
+    """Draw the caption's attention over the photo, read again at full size. A photo gone or changed since its batch
+    was read gets no map, and says so; the caption is kept."""
+    try:
+        photo = open_image(path, max_pixels)
+    except (BadImageError, OSError) as e:
+        tqdm.write(f"no attention map: {path}: {e}", file=sys.stderr)
+        return
+    figure_path = attention_file(attention_dir, path)
+    figure_path.parent.mkdir(parents=True, exist_ok=True)
+    attention_figure(photo, caption.words, caption.attention).save(figure_path)
+
+
 def caption_files(captioner: ImageCaptioner, paths: Iterable[str], writer: ResultWriter, beam_size: int = 3,
                   max_len: int = 20, n_best: int = 1, batch_size: int = 16, num_workers: int = 2,
                   max_pixels: int = DEFAULT_MAX_PIXELS, attention_dir: str | Path | None = None,
@@ -423,10 +436,7 @@ def caption_files(captioner: ImageCaptioner, paths: Iterable[str], writer: Resul
                 captions = captioner.caption_batch(batch.images, beam_size=beam_size, max_len=max_len, n_best=n_best)
                 for i, caption in zip(batch.indices, captions):
                     if attention_dir is not None and caption.attention is not None:  # before the record that says done
-                        figure = attention_figure(open_image(todo[i], max_pixels), caption.words, caption.attention)
-                        figure_path = attention_file(attention_dir, todo[i])
-                        figure_path.parent.mkdir(parents=True, exist_ok=True)
-                        figure.save(figure_path)
+                        _save_attention(todo[i], caption, attention_dir, max_pixels)
                     writer.write(todo[i], caption)
             writer.flush()
             summary.done += len(batch.indices)

@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
               "the rest", file=sys.stderr)
         return 128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT)
     except OSError as e:  # the results file or an attention map could not be written
-        sys.exit(f"error: {e.filename or writer.path}: {e.strerror}; the captions written so far are kept in "
+        sys.exit(f"error: {e.filename or writer.path}: {e.strerror or e}; the captions written so far are kept in "
                  f"{writer.path}")
     summary.failed += len(unreadable)
     print(f"{summary} -> {out}")

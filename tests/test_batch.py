@@ -207,6 +207,27 @@ def test_attention_maps_and_nbest_in_jsonl(tree, trained_checkpoint, tmp_path):
     assert Image.open(figures[0]).width > 160  # the photo and at least one word panel
 
 
+def test_a_photo_gone_before_its_attention_map_keeps_its_caption(tree, trained_checkpoint, tmp_path, monkeypatch,
+                                                                 capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (photos / name).write_bytes((tree["photos"] / "nested" / "g.jpg").read_bytes())
+    gone = photos / "a.jpg"
+    caption_batch = ImageCaptioner.caption_batch
+
+    def delete_then_caption(self, *args, **kwargs):  # the batch is read; the file goes before its map is drawn
+        gone.unlink(missing_ok=True)
+        return caption_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageCaptioner, "caption_batch", delete_then_caption)
+    out, maps = tmp_path / "captions.jsonl", tmp_path / "maps"
+    assert run(trained_checkpoint, str(photos), "--out", str(out), "--attention-dir", str(maps)) == 0
+    assert sorted(Path(r["path"]).name for r in read_jsonl(out)) == ["a.jpg", "b.jpg"]
+    assert [p.name for p in maps.rglob("*.png")] == ["b.jpg.png"]
+    assert f"no attention map: {gone}: " in capsys.readouterr().err
+
+
 def test_helpers_and_clear_errors(tree, trained_checkpoint, tmp_path):
     assert coco_image_id("x/000000391895.jpg") == 391895
     assert coco_image_id("COCO_val2014_000000000042.jpg") == 42
