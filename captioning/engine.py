@@ -281,7 +281,12 @@ def evaluate(model: Captioner, loader, references: list[list[str]], device: torc
     """Decode and score against the references -> (scores, predictions). Real decoding, not teacher forcing."""
     predictions = predict(model, loader, device, beam_size, max_len, length_penalty, amp,
                           no_repeat_ngram=no_repeat_ngram, cpu_bf16=cpu_bf16)
+    return score_predictions(predictions, references, meteor), predictions
+
+
+def score_predictions(predictions: dict[int, str], references: list[list[str]], meteor: bool = False) -> dict:
+    """Score the captions decoded for some of the images against those images' references; a ValueError when no
+    image could be read."""
     if not predictions:
         raise ValueError(f"none of the {len(references)} images could be read (each is named in a warning above)")
-    refs = {i: references[i] for i in predictions}
-    return score_captions(refs, predictions, meteor=meteor), predictions
+    return score_captions({i: references[i] for i in predictions}, predictions, meteor=meteor)

@@ -48,9 +48,9 @@ from captioning.engine import (
     leave_signals_to_main,
     predict,
     resolve_device,
+    score_predictions,
     train_one_epoch,
 )
-from captioning.metrics import score_captions
 from captioning.models import Captioner
 from captioning.models.decoder import load_word_vectors
 from captioning.rewards import SampleRewards
@@ -160,7 +160,7 @@ def _save_average(model: Captioner, average: dict[str, Any], cfg: Config, vocab:
     model.load_state_dict(average["model"])
     predictions = predict(model, val_loader, device, cfg.train.val_beam_size, cfg.train.max_decode_len,
                           amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16)
-    scores = score_captions({i: val_refs[i] for i in predictions}, predictions, meteor=False)
+    scores = score_predictions(predictions, val_refs)
     if is_main():
         save_checkpoint({"config": cfg.to_dict(), "vocab": vocab.to_dict(), "model": average["model"],
                          "averaged_epochs": average["epochs"], "val": scores}, path)
@@ -361,7 +361,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                                 "%s (continue with --resume)", stop.signal, progress.epoch + 1, len(predictions),
                                 len(val_ds), out_dir / "last.pt")
                 raise SystemExit(128 + stop.signal)
-            scores = score_captions({i: val_refs[i] for i in predictions}, predictions, meteor=False)
+            scores = score_predictions(predictions, val_refs)
             score = scores[cfg.train.select_metric]
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and not self_critical:
                 scheduler.step(score)

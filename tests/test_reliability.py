@@ -470,6 +470,14 @@ def test_annotation_files_that_are_cut_short_or_empty_are_named(tmp_path, make_c
         train(cfg)
 
 
+def test_a_validation_split_without_a_readable_image_is_an_error_that_says_so(tmp_path, make_coco):
+    root, cfg = _coco_config(tmp_path, make_coco, "run")
+    for sample in build_source(cfg.data, "val").samples:
+        Path(sample.path).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"none of the 3 images could be read \(each is named in a warning above\)"):
+        train(cfg)
+
+
 def test_an_unreadable_batch_still_counts_as_a_step(tmp_path, make_coco):
     root, cfg = _coco_config(tmp_path, make_coco, "run", **{"train.batch_size": 1})
     sorted((root / "train2017").glob("*.jpg"))[0].unlink()
