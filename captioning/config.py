@@ -86,7 +86,6 @@ class TrainConfig:
     average_epochs: int = 0  # also write RUN/averaged.pt: the mean of the weights after each of the last N epochs
     save_every_steps: int = 0  # also write `last` every N steps inside an epoch; 0 = at epoch ends only
     out_dir: str = "runs/default"
-    log_every: int = 50
 
 
 @dataclass
@@ -125,10 +124,16 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}' must be {names}, got {value!r} ({type(value).__name__})")
 
 
+# Keys that did nothing and were removed; configs saved in earlier runs' checkpoints still hold them.
+_RETIRED = {"train.log_every"}
+
+
 def _merge(obj: Any, updates: dict[str, Any], prefix: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for name, value in updates.items():
         key = f"{prefix}{name}"
+        if key in _RETIRED:
+            continue
         if name not in hints:
             valid = ", ".join(f"{prefix}{f.name}" for f in dataclasses.fields(obj))
             raise ConfigError(f"unknown config key '{key}'; valid keys here: {valid}")
@@ -217,7 +222,7 @@ _AT_LEAST = {  # numbers with a lower bound (inclusive)
     "train.epochs": 0, "train.batch_size": 1, "train.weight_decay": 0.0, "train.grad_clip": 0.0,
     "train.lr_step_epochs": 1, "train.warmup_steps": 0, "train.label_smoothing": 0.0, "train.attention_penalty": 0.0,
     "train.scheduled_sampling": 0.0, "train.scst_epochs": 0, "train.val_beam_size": 1, "train.max_decode_len": 1,
-    "train.early_stop_patience": 0, "train.save_every_steps": 0, "train.log_every": 1,
+    "train.early_stop_patience": 0, "train.save_every_steps": 0,
 }
 _BELOW = {"model.dropout": 1.0, "train.label_smoothing": 1.0}  # exclusive upper bounds
 _AT_MOST = {"train.scheduled_sampling": 1.0}

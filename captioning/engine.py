@@ -250,7 +250,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
 @torch.no_grad()
 def predict(model: Captioner, loader, device: torch.device, beam_size: int = 1, max_len: int = 20,
-            length_penalty: float = 0.0, amp: bool = True, desc: str = "decode",
+            length_penalty: float = 0.0, amp: bool = True,
             should_stop: Callable[[], bool] | None = None, no_repeat_ngram: int = 3,
             cpu_bf16: bool = False) -> dict[int, str]:
     """Decode every image of `loader` (items carry dataset indices) -> {index: caption}. Under torchrun each rank
@@ -258,7 +258,7 @@ def predict(model: Captioner, loader, device: torch.device, beam_size: int = 1, 
     returns True (a signal arrived) decoding ends, with the captions of the images decoded so far."""
     model.eval()
     predictions: dict[int, str] = {}
-    for batch in tqdm(loader, desc=desc, disable=not is_main(), leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc="decode", disable=not is_main(), leave=False, dynamic_ncols=True):
         if should_stop is not None and should_stop():
             break
         if not report_unreadable(batch):

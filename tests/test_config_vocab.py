@@ -79,6 +79,14 @@ def test_unknown_key_in_a_file_names_the_file_and_the_key(tmp_path):
         load_config(path)
 
 
+def test_a_config_saved_with_a_retired_key_still_loads():
+    """train.log_every did nothing and was removed; the configs inside earlier checkpoints still hold it."""
+    saved = Config().to_dict()
+    saved["train"]["log_every"] = 50
+    assert Config.from_dict(saved) == Config()
+    assert "log_every" not in Config().to_dict()["train"]
+
+
 @pytest.mark.parametrize("item, message", [
     ("train.epochs=abc", r"config key 'train.epochs' must be int, got 'abc' \(str\)"),
     ("train.epochs=2.5", r"config key 'train.epochs' must be int, got 2.5 \(float\)"),
