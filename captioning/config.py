@@ -230,7 +230,8 @@ _POSITIVE = ("train.lr", "train.encoder_lr", "train.scst_lr", "train.lr_gamma")
 
 
 def validate(cfg: Config) -> Config:
-    """Check values that have a fixed set of choices; returns cfg for chaining."""
+    """Check values with a fixed set of choices, numeric ranges and the rules between keys; returns cfg for
+    chaining."""
     d = cfg.to_dict()
     value = {f"{section}.{name}": v for section, values in d.items() for name, v in values.items()}
     for key, choices in _CHOICES.items():

@@ -64,8 +64,8 @@ def console_logging(level: int) -> Iterator[None]:
 class StopFlag:
     """While in effect, SIGTERM and Ctrl-C set `signal` for a loop to stop at its next safe point, instead of raising
     KeyboardInterrupt wherever the program is (or in a finaliser, which would swallow it); a second one stops at once.
-    DataLoader workers forked meanwhile inherit the handler, so they print no traceback of their own. Off the main
-    thread, where Python allows no handler, it does nothing."""
+    DataLoader workers leave both signals to the main process (leave_signals_to_main). Off the main thread, where
+    Python allows no handler, it does nothing."""
 
     def __init__(self):
         self.signal: int | None = None

@@ -5,7 +5,8 @@
 
 Writes <out>/captions_<split>.json (COCO results format: image_id, caption) and <out>/scores_<split>.json (the
 scores with the decoding and data settings that produced them), replacing those of an earlier evaluation of the split.
-Images that cannot be read are named in warnings, left out of the scores and counted in both outputs.
+Images that cannot be read are named in warnings, left out of the scores and counted in the scores file
+(unreadable_images) and the last lines printed.
 """
 
 import argparse

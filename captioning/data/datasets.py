@@ -103,7 +103,8 @@ def build_vocab(source: CaptionSource, min_count: int) -> Vocabulary:
 
 
 class TrainDataset(Dataset):
-    """Item i: (input, `per_image` of image i's captions drawn for this epoch, i). Unreadable images yield None."""
+    """Item i: (input, `per_image` of image i's captions drawn for this epoch, i); an unreadable image yields the
+    message naming it (None if reported already)."""
 
     def __init__(self, load: InputLoader, captions: list[list[list[int]]], per_image: int = 1, seed: int = 0):
         self.load, self.captions, self.per_image, self.seed = load, captions, per_image, seed
