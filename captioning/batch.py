@@ -30,13 +30,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioning.data.datasets import Preprocess
-from captioning.data.sources import BadImageError, open_image
+from captioning.data.sources import DEFAULT_MAX_PIXELS, BadImageError, open_image
 from captioning.engine import StopFlag, Stopped, leave_signals_to_main
 from captioning.inference import Caption, ImageCaptioner
 from captioning.visualize import attention_figure
 
 FORMATS = ("jsonl", "csv", "coco")
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
 # Extensions of the image files a folder search picks up: those Pillow can open, less formats that hold no photo
 # (video, scientific data, vector graphics that need Ghostscript), plus HEIC/HEIF (phone cameras), which need the
 # pillow-heif plugin and are otherwise reported as unreadable rather than passed over.

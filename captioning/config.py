@@ -223,6 +223,7 @@ _AT_LEAST = {  # numbers with a lower bound (inclusive)
     "train.lr_step_epochs": 1, "train.warmup_steps": 0, "train.label_smoothing": 0.0, "train.attention_penalty": 0.0,
     "train.scheduled_sampling": 0.0, "train.scst_epochs": 0, "train.val_beam_size": 1, "train.max_decode_len": 1,
     "train.early_stop_patience": 0, "train.save_every_steps": 0,
+    "train.scst_bleu_weight": 0.0, "train.average_epochs": 0, "data.captions_per_image": 1,
 }
 _BELOW = {"model.dropout": 1.0, "train.label_smoothing": 1.0}  # exclusive upper bounds
 _AT_MOST = {"train.scheduled_sampling": 1.0}
@@ -250,12 +251,6 @@ def validate(cfg: Config) -> Config:
     if cfg.train.scst_epochs and cfg.train.scst_samples < 2:
         raise ConfigError("config key 'train.scst_samples' must be at least 2: each sample's baseline is the mean "
                           "reward of the image's other samples")
-    if cfg.train.scst_bleu_weight < 0:
-        raise ConfigError("config key 'train.scst_bleu_weight' must be at least 0 (0 = CIDEr-D alone)")
-    if cfg.train.average_epochs < 0:
-        raise ConfigError("config key 'train.average_epochs' must be at least 0 (0 = no averaged.pt)")
-    if cfg.data.captions_per_image < 1:
-        raise ConfigError("config key 'data.captions_per_image' must be at least 1")
     if cfg.data.feature_cache and cfg.model.trainable_layers:
         raise ConfigError("config key 'data.feature_cache' needs a frozen encoder: features computed once cannot "
                           "follow an encoder that trains; set model.trainable_layers=0 or data.feature_cache=''")

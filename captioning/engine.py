@@ -133,6 +133,13 @@ def autocast(device: torch.device, enabled: bool = True, cpu_bf16: bool = False)
     return torch.autocast(device.type, dtype=dtype)
 
 
+def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradScaler:
+    """The loss scaler that goes with autocast(device, enabled): it scales only fp16 on a GPU without bf16, and
+    passes the loss through everywhere else."""
+    fp16 = device.type == "cuda" and enabled and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler("cuda", enabled=fp16)
+
+
 def has_cpu_bf16() -> bool:
     """Whether this CPU has bf16 matrix units (Intel AMX, AVX512-BF16)."""
     return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()

@@ -44,6 +44,7 @@ from captioning.engine import (
     StopFlag,
     Stopped,
     check_cpu_bf16,
+    grad_scaler,
     keep_freed_memory,
     leave_signals_to_main,
     predict,
@@ -280,8 +281,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    use_fp16_scaler = device.type == "cuda" and cfg.train.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16_scaler)
+    scaler = grad_scaler(device, cfg.train.amp)
     progress = StepState()
     best = {"score": float("-inf"), "epoch": -1, "bad_epochs": 0}
     average: dict[str, Any] = {"epochs": [], "model": {}}  # weights of the epochs in the averaging window

@@ -31,10 +31,10 @@ import gradio as gr
 from gradio.state_holder import StateHolder
 from PIL import Image
 
-from captioning.batch import DEFAULT_MAX_PIXELS, describe_failure
+from captioning.batch import describe_failure
 from captioning.checkpoint import CheckpointError
 from captioning.config import ConfigError
-from captioning.data.sources import BadImageError, ImageTooLargeError, open_image
+from captioning.data.sources import DEFAULT_MAX_PIXELS, BadImageError, ImageTooLargeError, open_image
 from captioning.engine import GLIBC
 from captioning.inference import ImageCaptioner
 from captioning.visualize import word_overlays

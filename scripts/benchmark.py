@@ -56,6 +56,7 @@ from captioning.engine import (
     StepState,
     autocast,
     check_cpu_bf16,
+    grad_scaler,
     keep_freed_memory,
     resolve_device,
     train_one_epoch,
@@ -244,8 +245,7 @@ def bench_beam(args, device: torch.device, work: Path) -> dict:
 def training_steps(model: Captioner, batch: dict, cfg: Config, device: torch.device) -> Callable[[int], None]:
     """A function that runs n steps of train_one_epoch (forward, caption_loss, backward, clipping, Adam) on `batch`."""
     optimizer = build_optimizer(model, cfg)
-    amp_fp16 = device.type == "cuda" and cfg.train.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_fp16)
+    scaler = grad_scaler(device, cfg.train.amp)
 
     def run(n: int) -> None:
         with contextlib.redirect_stderr(io.StringIO()):  # the loop's progress bar would break up the figures

@@ -15,9 +15,10 @@ import signal
 import sys
 from pathlib import Path
 
-from captioning.batch import DEFAULT_MAX_PIXELS, FORMATS, caption_files, expand_inputs, format_for, open_writer
+from captioning.batch import FORMATS, caption_files, expand_inputs, format_for, open_writer
 from captioning.checkpoint import CheckpointError
 from captioning.config import at_least, os_error_line
+from captioning.data.sources import DEFAULT_MAX_PIXELS
 from captioning.engine import Stopped
 from captioning.inference import ImageCaptioner
 

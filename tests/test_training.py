@@ -479,7 +479,7 @@ def test_a_run_in_its_self_critical_epochs_trains_longer_only_through_train_scst
 
 def test_early_stop_in_cross_entropy_moves_on_to_self_critical_training(tmp_path, monkeypatch, capsys):
     flat = {"Bleu_1": 0.1, "Bleu_2": 0.1, "Bleu_3": 0.1, "Bleu_4": 0.1, "ROUGE_L": 0.1, "CIDEr": 0.1}
-    monkeypatch.setattr(training, "score_captions", lambda *args, **kwargs: dict(flat))  # never improves
+    monkeypatch.setattr(training, "score_predictions", lambda *args, **kwargs: dict(flat))  # never improves
     run = train(_small(tmp_path / "run", **{**_SCST, "train.epochs": 5, "train.scst_epochs": 2,
                                             "train.early_stop_patience": 1}))
     rows = _metrics(run)

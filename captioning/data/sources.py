@@ -56,7 +56,10 @@ class ImageTooLargeError(BadImageError):
     """An image above the pixel limit, refused from its header before it is decoded."""
 
 
-def open_image(path: str | Path, max_pixels: int = 89_478_485, min_size: int = 0) -> Image.Image:
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
+
+
+def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 0) -> Image.Image:
     """Decode any image Pillow reads into 8-bit RGB, fully loaded and detached from the file.
 
     EXIF orientation is applied; animations give their first frame; alpha is composited on white; 16-bit
