@@ -118,6 +118,13 @@ def sample_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Ten
 
 
 @torch.no_grad()
+def check_beam_size(beam_size: int, vocab_size: int) -> None:
+    """A ValueError when the beam is wider than the vocabulary: its first step keeps `beam_size` different words."""
+    if beam_size > vocab_size:
+        raise ValueError(f"a beam of {beam_size} is wider than the model's vocabulary of {vocab_size} words; use a "
+                         f"beam of at most {vocab_size}")
+
+
 def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tensor, beam_size: int = 3,
                 max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1, no_repeat_ngram: int = 3
                 ) -> list[list[Hypothesis]]:
@@ -131,6 +138,7 @@ def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tenso
         raise ValueError(f"n_best must be between 1 and the beam size ({K}), got {n_best}")
     if max_len < 1:
         raise ValueError(f"max_len must be at least 1, got {max_len}")
+    check_beam_size(K, decoder.out.out_features)
     device = pooled.device
     # The memory keeps one row per image, which the image's beams share; the state has one row per beam. Until the
     # first word every beam of an image is the same, so the first step runs one row per image and then branches.

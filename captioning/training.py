@@ -252,6 +252,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         vocab = Vocabulary.from_dict(state["vocab"])
     else:  # rank 0 builds it; every rank uses the same one
         vocab = broadcast_object(build_vocab(train_src, cfg.data.min_word_count) if is_main() else None)
+    if cfg.train.val_beam_size > len(vocab):  # found now, not after the first epoch's training
+        raise ConfigError(f"train.val_beam_size {cfg.train.val_beam_size} is wider than the vocabulary of {len(vocab)} "
+                          "words built from the training captions; lower it")
     model = Captioner(cfg.model, vocab, None if state else cfg.model.encoder_weights)
     if state is not None:  # before the feature cache is checked against the encoder's weights
         model.load_state_dict(state["model"])

@@ -19,6 +19,7 @@ from captioning.batch import FORMATS, caption_files, expand_inputs, format_for, 
 from captioning.checkpoint import CheckpointError
 from captioning.config import at_least, os_error_line
 from captioning.data.sources import DEFAULT_MAX_PIXELS
+from captioning.decoding import check_beam_size
 from captioning.engine import Stopped
 from captioning.inference import ImageCaptioner
 
@@ -66,6 +67,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"no image files in {' '.join(args.inputs)} (JPEG, PNG, WebP, ... by their extension"
                              f"{'; --flat takes only the top level of a folder' if args.flat else ''})")
         captioner = ImageCaptioner.from_checkpoint(args.checkpoint, args.device, args.bf16)
+        check_beam_size(args.beam_size, len(captioner.model.vocab))
         if args.attention_dir and not captioner.has_attention:
             raise ValueError(f"--attention-dir needs a model with attention; {args.checkpoint} has none")
         writer = open_writer(out, fmt, args.n_best, args.overwrite)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from captioning.checkpoint import CheckpointError
 from captioning.config import ConfigError, at_least, finite, load_config
 from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, build_source, collate_eval
+from captioning.decoding import check_beam_size
 from captioning.engine import check_cpu_bf16, console_logging, evaluate, leave_signals_to_main, resolve_device
 from captioning.models import load_model
 
@@ -53,6 +54,7 @@ def main(args: argparse.Namespace) -> dict:
         if args.bf16:
             check_cpu_bf16(device)
         model, cfg = load_model(args.checkpoint, device)
+        check_beam_size(args.beam_size, len(model.vocab))
         ignored = [item for item in args.set if not item.startswith("data.")]
         if ignored:
             raise ConfigError(f"--set {' '.join(ignored)}: evaluation takes the model and decoding from the checkpoint "

@@ -237,6 +237,9 @@ def test_helpers_and_clear_errors(tree, trained_checkpoint, tmp_path):
         run(trained_checkpoint, str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit, match="--n-best must be between 1 and --beam-size"):
         run(trained_checkpoint, str(tree["photos"]), "--n-best", "3")
+    with pytest.raises(SystemExit, match="a beam of 500 is wider than the model's vocabulary"):
+        run(trained_checkpoint, str(tree["photos"]), "--beam-size", "500", "--out", str(tmp_path / "wide.jsonl"))
+    assert not (tmp_path / "wide.jsonl").exists()
     (tmp_path / "other.jsonl").write_text("not json\n")
     with pytest.raises(SystemExit, match="--overwrite"):
         run(trained_checkpoint, str(tree["photos"]), "--out", str(tmp_path / "other.jsonl"))

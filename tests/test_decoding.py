@@ -193,6 +193,16 @@ def test_n_best_is_sorted_and_bounded_by_the_beam():
         beam_search(decoder, grid, pooled, beam_size=3, n_best=4)
 
 
+def test_a_beam_as_wide_as_the_vocabulary_runs_and_a_wider_one_is_refused():
+    decoder = _decoder("attention")
+    grid, pooled = _inputs(batch=2)
+    for hyps in beam_search(decoder, grid, pooled, beam_size=VOCAB_SIZE, max_len=6, n_best=VOCAB_SIZE):
+        assert len(hyps) == VOCAB_SIZE
+    with pytest.raises(ValueError, match=f"a beam of {VOCAB_SIZE + 1} is wider than the model's vocabulary of "
+                                         f"{VOCAB_SIZE} words"):
+        beam_search(decoder, grid, pooled, beam_size=VOCAB_SIZE + 1)
+
+
 def test_length_penalty_divides_by_length_to_the_alpha():
     decoder = _decoder("show_tell")
     grid, pooled = _inputs(batch=3)

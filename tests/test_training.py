@@ -563,6 +563,12 @@ def test_averaging_survives_a_resume_inside_its_window(tmp_path, monkeypatch, av
     _assert_same_weights(straight / "averaged.pt", tmp_path / "run" / "averaged.pt")
 
 
+def test_a_validation_beam_wider_than_the_vocabulary_is_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="train.val_beam_size 500 is wider than the vocabulary of"):
+        train(_small(tmp_path / "run", **{"train.val_beam_size": 500}))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 # ------------------------------------------------------------------------------------------------------- NaN losses
 
 def _nan_on(monkeypatch, steps) -> None:
