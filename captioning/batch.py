@@ -52,15 +52,17 @@ COCO_NAME = re.compile(r"COCO_[a-z]+\d{4}_(\d+)")  # COCO 2014 file names: COCO_
 
 
 def expand_inputs(inputs: Iterable[str | Path], recursive: bool = True,
-                  on_error: Callable[[OSError], None] | None = None) -> Iterator[str]:
+                  on_error: Callable[[OSError], None] | None = None, skip: str | Path | None = None) -> Iterator[str]:
     """Image paths from files, folders (image files inside, recursively unless `recursive` is off; hidden files and
-    folders and symbolic links to folders left out) and list files (.txt/.lst: one path per line, relative to the list
-    file; blank lines and lines starting with '#' ignored). A file named directly is tried whatever its extension, so
-    a bad one gets reported. A folder that cannot be read is passed to `on_error` (ignored without one)."""
+    folders, symbolic links to folders and the folder `skip`, where the run writes its attention maps, left out) and
+    list files (.txt/.lst: one path per line, relative to the list file; blank lines and lines starting with '#'
+    ignored). A file named directly is tried whatever its extension, so a bad one gets reported. A folder that cannot
+    be read is passed to `on_error` (ignored without one)."""
+    skip = os.path.realpath(skip) if skip is not None else None
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            yield from _walk(path, recursive, on_error)
+            yield from _walk(path, recursive, on_error, skip)
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
             yield from _read_list(path)
         elif path.is_file():
@@ -70,8 +72,12 @@ def expand_inputs(inputs: Iterable[str | Path], recursive: bool = True,
                                     "image paths one per line)")
 
 
-def _walk(folder: Path, recursive: bool, on_error: Callable[[OSError], None] | None) -> Iterator[str]:
+def _walk(folder: Path, recursive: bool, on_error: Callable[[OSError], None] | None, skip: str | None
+          ) -> Iterator[str]:
     for root, dirs, files in os.walk(folder, onerror=on_error):
+        if skip is not None and os.path.realpath(root) == skip:
+            dirs[:] = []
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         for name in sorted(files):
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:

@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out or DEFAULT_OUT[fmt])
     unreadable = []
     try:
-        paths = list(expand_inputs(args.inputs, not args.flat, on_error=unreadable.append))
+        paths = list(expand_inputs(args.inputs, not args.flat, on_error=unreadable.append, skip=args.attention_dir))
         if not paths and not unreadable:
             raise ValueError(f"no image files in {' '.join(args.inputs)} (JPEG, PNG, WebP, ... by their extension"
                              f"{'; --flat takes only the top level of a folder' if args.flat else ''})")

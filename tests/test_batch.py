@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -205,6 +206,15 @@ def test_attention_maps_and_nbest_in_jsonl(tree, trained_checkpoint, tmp_path):
     assert figures == sorted(attention_file(maps, r["path"]) for r in records)
     assert sorted(p.name for p in figures) == ["g.jpg.png", "h.png.png"]
     assert Image.open(figures[0]).width > 160  # the photo and at least one word panel
+
+
+def test_attention_maps_written_inside_the_input_folder_are_not_inputs(tree, trained_checkpoint, tmp_path):
+    photos, out = tmp_path / "photos", tmp_path / "captions.jsonl"
+    shutil.copytree(tree["photos"] / "nested", photos)
+    for _ in range(2):  # the second run finds the first one's maps in the folder it captions
+        assert run(trained_checkpoint, str(photos), "--out", str(out), "--attention-dir", str(photos / "maps")) == 0
+    assert sorted(Path(r["path"]).name for r in read_jsonl(out)) == ["g.jpg", "h.png"]
+    assert sorted(p.name for p in (photos / "maps").rglob("*.png")) == ["g.jpg.png", "h.png.png"]
 
 
 def test_a_photo_gone_before_its_attention_map_keeps_its_caption(tree, trained_checkpoint, tmp_path, monkeypatch,
