@@ -6,6 +6,7 @@ import contextlib
 import io
 import math
 import shutil
+import threading
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -88,12 +89,13 @@ def _close_meteor(scorer: Any) -> None:
     if hasattr(scorer, "close"):
         scorer.close()
         return
+    # Not under scorer.lock: a compute_score stopped by Ctrl-C still holds it, and waiting for it would hang
     process = scorer.meteor_p
-    with scorer.lock:
-        for stream in (process.stdin, process.stdout, process.stderr):
-            stream.close()
-        process.kill()
-        process.wait()
+    for stream in (process.stdin, process.stdout, process.stderr):
+        stream.close()
+    process.kill()
+    process.wait()
+    scorer.lock = threading.Lock()  # free for the scorer's __del__, which takes it to stop the process again
 
 
 def score_captions(refs: Mapping[K, list[str]], hyps: Mapping[K, str], meteor: bool = True) -> dict[str, Any]:

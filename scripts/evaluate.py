@@ -6,12 +6,13 @@
 Writes <out>/captions_<split>.json (COCO results format: image_id, caption) and <out>/scores_<split>.json (the
 scores with the decoding and data settings that produced them), replacing those of an earlier evaluation of the split.
 Images that cannot be read are named in warnings, left out of the scores and counted in the scores file
-(unreadable_images) and the last lines printed.
+(unreadable_images) and the last lines printed; with --strict the exit status is then 1.
 """
 
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override the checkpoint's data settings, e.g. data.root=/elsewhere/coco")
     p.add_argument("--out", help="folder for the captions and scores (default: the checkpoint's folder)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 if any image could not be read (the scores cover only the others)")
     return p
 
 
@@ -76,6 +79,10 @@ def main(args: argparse.Namespace) -> dict:
                                        no_repeat_ngram=args.no_repeat_ngram, cpu_bf16=args.bf16)
     except ValueError as e:  # no image of the split could be read
         sys.exit(f"error: {args.split} split: {e}")
+    except KeyboardInterrupt:  # nothing is written before every image is scored
+        print(f"stopped: nothing was written; run the same command again to evaluate the {args.split} split",
+              file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     out.mkdir(parents=True, exist_ok=True)
     results = [{"image_id": source.samples[i].image_id, "caption": c} for i, c in sorted(predictions.items())]
     (out / f"captions_{args.split}.json").write_text(json.dumps(results, indent=1))
@@ -93,6 +100,8 @@ def main(args: argparse.Namespace) -> dict:
         print(f"warning: {unreadable} of the {len(source)} {args.split} images could not be read (each named "
               f"above in a 'skipping image' line); the scores cover the other {len(results)}")
     print(f"{len(results)} {args.split} images, beam {args.beam_size}: captions and scores in {out}")
+    if args.strict and unreadable:
+        raise SystemExit(1)
     return report
 
 

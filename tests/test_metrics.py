@@ -6,6 +6,7 @@ import contextlib
 import io
 import random
 import shutil
+import threading
 
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
@@ -206,6 +207,36 @@ def test_score_captions_gives_all_metrics(scored_with_meteor: tuple[dict, list])
 def test_score_captions_stops_meteor_java(scored_with_meteor: tuple[dict, list]) -> None:
     _, made = scored_with_meteor
     assert len(made) == 1 and made[0].meteor_p.poll() is not None
+
+
+@java
+def test_meteor_stopped_by_ctrl_c_stops_its_java_without_hanging(monkeypatch) -> None:
+    made = []
+
+    class Interrupted(pycoco_meteor.Meteor):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+        def compute_score(self, gts, res):
+            self.lock.acquire()  # where pycocoevalcap's compute_score waits on java when Ctrl-C arrives
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pycoco_meteor, "Meteor", Interrupted)
+    raised = []
+
+    def score() -> None:
+        try:
+            score_captions(REFS, PERFECT)
+        except KeyboardInterrupt:
+            raised.append(True)
+
+    worker = threading.Thread(target=score, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "closing the scorer waited for the lock its stopped compute_score holds"
+    assert raised and made[0].meteor_p.poll() is not None
+    made[0].__del__()  # pycocoevalcap's own clean-up takes the lock as well
 
 
 def test_score_captions_without_meteor() -> None:

@@ -213,6 +213,10 @@ def test_evaluate_script_counts_the_images_it_could_not_read(synthetic_run, make
     assert (scores["images"], scores["unreadable_images"]) == (3, 1)
     assert scores["data"]["dataset"] == "coco" and scores["data"]["root"] == str(root)  # what was scored
     assert len(json.loads((tmp_path / "eval" / "captions_val.json").read_text())) == 3
+    strict = _script("evaluate.py", "--checkpoint", run / "best.pt", "--no-meteor", "--split", "val",
+                     "--num-workers", "0", "--out", tmp_path / "eval", "--strict", "--set", "data.dataset=coco",
+                     f"data.root={root}", cwd=tmp_path)
+    assert strict.returncode == 1 and "warning: 1 of the 4 val images could not be read" in strict.stdout
 
 
 def test_train_and_evaluate_on_a_coco_format_dataset(make_coco, tmp_path):
