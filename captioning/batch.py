@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -34,6 +35,8 @@ from captioning.data.sources import DEFAULT_MAX_PIXELS, BadImageError, open_imag
 from captioning.engine import StopFlag, Stopped, leave_signals_to_main
 from captioning.inference import Caption, ImageCaptioner
 from captioning.visualize import attention_figure
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("jsonl", "csv", "coco")
 # Extensions of the image files a folder search picks up: those Pillow can open, less formats that hold no photo
@@ -339,18 +342,32 @@ class CocoWriter(JsonlWriter):
         if not finished:
             return
         tmp = self.results.with_name(self.results.name + ".tmp")
+        files = {}  # image_id -> the files that gave it
         with open(tmp, "w", encoding="utf-8") as out:
             out.write("[")
-            first = True
             with open(self.path, encoding="utf-8") as progress:
                 for line in progress:
                     if line.strip():
                         record = json.loads(line)
                         entry = {"image_id": coco_image_id(record["path"]), "caption": record["caption"]}
-                        out.write(("\n" if first else ",\n") + json_line(entry).rstrip("\n"))
-                        first = False
+                        out.write(("\n" if not files else ",\n") + json_line(entry).rstrip("\n"))
+                        files.setdefault(entry["image_id"], []).append(record["path"])
             out.write("\n]\n")
         os.replace(tmp, self.results)
+        _warn_of_ids(files, self.results)
+
+
+def _warn_of_ids(files: dict[int | str, list[str]], results: Path) -> None:
+    """COCO's caption evaluation takes one caption per image, named by its numeric id: say which files break that."""
+    shared = {i: paths for i, paths in files.items() if len(paths) > 1}
+    named = [paths[0] for i, paths in files.items() if isinstance(i, str)]
+    if shared:
+        i, paths = next(iter(shared.items()))
+        log.warning("%s: %d image_id(s) belong to more than one file (%s: %s), which COCO's caption evaluation does "
+                    "not accept; caption one folder per run", results, len(shared), i, ", ".join(paths[:3]))
+    if named:
+        log.warning("%s: %d file(s) have no COCO image id in their name (%s), so their image_id is the name itself; "
+                    "COCO's caption evaluation needs numbers", results, len(named), named[0])
 
 
 def open_writer(out: str | Path, fmt: str, n_best: int = 1, overwrite: bool = False) -> ResultWriter:

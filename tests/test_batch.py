@@ -196,6 +196,19 @@ def test_csv_and_coco_outputs_parse(tree, trained_checkpoint, tmp_path):
     assert json.loads(out_coco.read_text()) == results
 
 
+def test_coco_results_name_the_files_whose_ids_clash_or_are_not_numbers(tree, trained_checkpoint, tmp_path,
+                                                                        caplog):
+    photos, out = tmp_path / "photos", tmp_path / "results.json"
+    for name in ("x/000000000139.jpg", "y/000000000139.jpg", "holiday.jpg"):
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        (photos / name).write_bytes((tree["photos"] / "nested" / "g.jpg").read_bytes())
+    with caplog.at_level("WARNING", logger="captioning.batch"):
+        assert run(trained_checkpoint, str(photos), "--out", str(out)) == 0
+    assert sorted(map(str, (r["image_id"] for r in json.loads(out.read_text())))) == ["139", "139", "holiday"]
+    assert f"{out}: 1 image_id(s) belong to more than one file (139: {photos / 'x'}" in caplog.text
+    assert f"{out}: 1 file(s) have no COCO image id in their name ({photos / 'holiday.jpg'})" in caplog.text
+
+
 def test_attention_maps_and_nbest_in_jsonl(tree, trained_checkpoint, tmp_path):
     out, maps = tmp_path / "captions.jsonl", tmp_path / "maps"
     assert run(trained_checkpoint, str(tree["photos"] / "nested"), "--out", str(out), "--beam-size", "3",
