@@ -386,11 +386,13 @@ class Summary:
     done: int = 0
     skipped: int = 0  # already in the output
     failed: int = 0
+    repeated: int = 0  # a file named again, e.g. through a symbolic link: captioned once, under its first name
     seconds: float = 0.0
 
     def __str__(self) -> str:
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
-        return (f"captioned {self.done}, skipped {self.skipped} (already captioned), failed {self.failed}, "
+        repeated = f", {self.repeated} named twice (captioned once)" if self.repeated else ""
+        return (f"captioned {self.done}, skipped {self.skipped} (already captioned), failed {self.failed}{repeated}, "
                 f"{self.seconds:.1f} s, {rate:.1f} images/s")
 
 
@@ -438,7 +440,9 @@ def caption_files(captioner: ImageCaptioner, paths: Iterable[str], writer: Resul
         key = image_key(path)
         if key in writer.done:
             summary.skipped += 1
-        elif key not in seen:
+        elif key in seen:
+            summary.repeated += 1
+        else:
             seen.add(key)
             todo.append(path)
     if attention_dir is not None:
