@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from captioning.batch import FORMATS, caption_files, expand_inputs, format_for, open_writer
+from captioning.batch import FORMATS, IMAGE_SUFFIXES, caption_files, expand_inputs, format_for, open_writer
 from captioning.checkpoint import CheckpointError
 from captioning.config import at_least, os_error_line
 from captioning.data.sources import DEFAULT_MAX_PIXELS
@@ -60,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
         sys.exit(f"error: --n-best must be between 1 and --beam-size ({args.beam_size}), got {args.n_best}")
     fmt = args.format or (format_for(args.out) if args.out else "jsonl")
     out = Path(args.out or DEFAULT_OUT[fmt])
+    if out.suffix.lower() in IMAGE_SUFFIXES:  # --overwrite would replace a photo with captions
+        sys.exit(f"error: --out {out} names an image file; write the captions to a .jsonl, .csv or .json file")
     unreadable = []
     try:
         paths = list(expand_inputs(args.inputs, not args.flat, on_error=unreadable.append, skip=args.attention_dir))

@@ -263,6 +263,8 @@ def test_helpers_and_clear_errors(tree, trained_checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="a beam of 500 is wider than the model's vocabulary"):
         run(trained_checkpoint, str(tree["photos"]), "--beam-size", "500", "--out", str(tmp_path / "wide.jsonl"))
     assert not (tmp_path / "wide.jsonl").exists()
+    with pytest.raises(SystemExit, match="names an image file; write the captions to a .jsonl, .csv or .json file"):
+        run(trained_checkpoint, str(tree["photos"]), "--out", str(tree["photos"] / "a.jpg"), "--overwrite")
     (tmp_path / "other.jsonl").write_text("not json\n")
     with pytest.raises(SystemExit, match="--overwrite"):
         run(trained_checkpoint, str(tree["photos"]), "--out", str(tmp_path / "other.jsonl"))
