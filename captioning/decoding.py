@@ -138,7 +138,6 @@ def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tenso
         raise ValueError(f"n_best must be between 1 and the beam size ({K}), got {n_best}")
     if max_len < 1:
         raise ValueError(f"max_len must be at least 1, got {max_len}")
-    check_beam_size(K, decoder.out.out_features)
     device = pooled.device
     # The memory keeps one row per image, which the image's beams share; the state has one row per beam. Until the
     # first word every beam of an image is the same, so the first step runs one row per image and then branches.
@@ -159,6 +158,8 @@ def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tenso
         b, k = scores.shape
         logits, state, alpha = decoder.step(words, state, memory)  # (b*k, V)
         V = logits.size(-1)
+        if t == 0:
+            check_beam_size(K, V)
         logp = _log_probs(logits, finished.view(-1), 1.0, tokens.view(b * k, -1), no_repeat_ngram).view(b, k, V)
         scores, flat = logp.add_(scores.unsqueeze(-1)).view(b, k * V).topk(K, dim=-1)  # (b, K), in place: a fresh logp
         origin, words = flat // V, flat % V  # which beam each survivor extends, with which word
