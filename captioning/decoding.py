@@ -117,7 +117,6 @@ def sample_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Ten
     return _hypotheses(tokens, token_logp.sum(1), alphas.float().cpu() if alphas is not None else None)
 
 
-@torch.no_grad()
 def check_beam_size(beam_size: int, vocab_size: int) -> None:
     """A ValueError when the beam is wider than the vocabulary: its first step keeps `beam_size` different words."""
     if beam_size > vocab_size:
@@ -125,6 +124,7 @@ def check_beam_size(beam_size: int, vocab_size: int) -> None:
                          f"beam of at most {vocab_size}")
 
 
+@torch.no_grad()
 def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, pooled: torch.Tensor, beam_size: int = 3,
                 max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1, no_repeat_ngram: int = 3
                 ) -> list[list[Hypothesis]]:

@@ -193,6 +193,15 @@ def test_n_best_is_sorted_and_bounded_by_the_beam():
         beam_search(decoder, grid, pooled, beam_size=3, n_best=4)
 
 
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_searches_build_no_autograd_graph(beam_size):
+    decoder = _decoder("attention")
+    grid, pooled = _inputs(batch=2)
+    for hyps in decode(decoder, grid, pooled, beam_size=beam_size, max_len=6):
+        assert not hyps[0].attention.requires_grad
+        assert hyps[0].attention.numpy().shape[0] == len(hyps[0].tokens)
+
+
 def test_a_beam_as_wide_as_the_vocabulary_runs_and_a_wider_one_is_refused():
     decoder = _decoder("attention")
     grid, pooled = _inputs(batch=2)
