@@ -51,13 +51,14 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
-def on_every_rank(flag: bool, device: torch.device) -> bool:
-    """Whether `flag` holds on every rank; each rank must call it (a collective on `device`, as the backend needs)."""
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's `value`, on every rank; each rank must call it (a collective on `device`, as the
+    backend needs)."""
     if not dist.is_initialized():
-        return flag
-    box = torch.tensor(int(flag), device=device)
-    dist.all_reduce(box, op=dist.ReduceOp.MIN)
-    return bool(box.item())
+        return value
+    box = torch.tensor(value, device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item())
 
 
 def barrier() -> None:

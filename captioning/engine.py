@@ -21,7 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from captioning.config import ConfigError, TrainConfig
 from captioning.data.datasets import report_unreadable
 from captioning.decoding import decode
-from captioning.distributed import gather_objects, global_rank, is_main, local_rank, on_every_rank
+from captioning.distributed import gather_objects, global_rank, is_main, local_rank, max_over_ranks
 from captioning.metrics import score_captions
 from captioning.models import Captioner
 from captioning.rewards import SampleRewards
@@ -208,8 +208,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     model.train()
     bar = tqdm(loader, desc=f"epoch {progress.epoch + 1}", disable=not is_main(), leave=False, dynamic_ncols=True)
     for batch in bar:
-        if not report_unreadable(batch):  # every image of the batch was unreadable; the step still counts
+        # A batch whose every image was unreadable is skipped, and the step still counts. Under torchrun every rank
+        # skips it together: DDP's forward and backward are collectives that no rank may leave out.
+        if max_over_ranks(int(not report_unreadable(batch)), device):
             _advance(progress, scheduler)
+            if on_step is not None and on_step():
+                break
             continue
         # The step's random numbers (dropout, scheduled sampling, self-critical samples) depend on (seed, rank, step)
         # alone, so a run resumed at any step draws what it would have drawn, on every rank of a torchrun job too
@@ -231,7 +235,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         tracked = loss_value if rewards is None else sample_rewards.mean().item()
         # Under torchrun every rank skips the step together: one that went on would wait in DDP's gradient
         # all-reduce for the rank that skipped it
-        if not on_every_rank(math.isfinite(loss_value), device):
+        if max_over_ranks(int(not math.isfinite(loss_value)), device):
             progress.skipped_nonfinite += 1
             if progress.skipped_nonfinite > 10:
                 raise FloatingPointError(f"the loss was not finite on more than 10 steps (last at step "

@@ -38,6 +38,7 @@ from captioning.distributed import (
     init_distributed,
     is_main,
     local_rank,
+    max_over_ranks,
 )
 from captioning.engine import (
     StepState,
@@ -111,14 +112,18 @@ def _add_to_average(average: dict[str, Any], model: Captioner, epoch: int) -> No
     average["epochs"].append(epoch)
 
 
-def _wait_for_cache() -> None:
+def _wait_for_cache(device: torch.device) -> None:
     """The barrier at which ranks wait while another extracts a feature cache. Ctrl-C to the whole job stops the
-    extracting rank with its own message, and its exit breaks the barrier: a rank stopped while waiting then exits
-    with 128 + the signal, without a traceback of its own."""
+    extracting rank with its own message. With Gloo (CPU) its exit breaks the barrier, and a rank stopped while
+    waiting then exits with 128 + the signal, without a traceback of its own. NCCL's barrier does not return when a
+    peer exits, so there the signals keep their default actions, and torchrun's SIGTERM ends the waiting ranks."""
+    if device.type != "cpu":
+        barrier()
+        return
     with StopFlag() as stop:
         try:
             barrier()
-        except RuntimeError:  # Gloo and NCCL: the peer that closed the connection
+        except RuntimeError:  # the peer that closed the connection
             if stop.signal is None:
                 raise
     if stop.signal is not None:
@@ -145,7 +150,7 @@ def _input_loaders(cfg: Config, model: Captioner, preprocess: Preprocess, train_
                     log.warning("stopped by signal %d while caching the %s split's features in %s (splits cached "
                                 "before it are kept); run the same command again to go on", e.signum, split, folder)
                     raise SystemExit(128 + e.signum) from None
-            _wait_for_cache()
+            _wait_for_cache(device)
         loaders.append(FeatureLoader(folder, split, record))
         if loaders[-1].unreadable and is_main():  # left out without a warning per image and epoch
             log.warning("feature cache: %d of the %d %s images could not be read when it was made and are left out "
@@ -321,9 +326,15 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                              "average": average, "world_size": world}, path)
 
     with StopFlag() as stop:
+        def agree_on_stop() -> None:
+            # Under torchrun every rank stops at the same point: one that went on would wait in the next collective
+            # for one that had stopped, and rank 0 could then fail before writing last.pt
+            stop.signal = max_over_ranks(stop.signal or 0, device) or None
+
         def on_step() -> bool:
+            agree_on_stop()
             every = cfg.train.save_every_steps
-            if stop.signal is not None or (every and progress.global_step % every == 0):
+            if stop.signal is None and every and progress.global_step % every == 0:
                 checkpoint(out_dir / "last.pt")
             return stop.signal is not None
 
@@ -346,7 +357,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             train_loss = train_one_epoch(net, loader, optimizer, None if self_critical else scheduler, scaler, device,
                                          cfg.train, progress, cfg.train.epochs * steps_per_epoch, on_step,
                                          rewards=rewards)
+            agree_on_stop()  # a signal may also come after the epoch's last step
             if stop.signal is not None:
+                checkpoint(out_dir / "last.pt")
                 if is_main():  # the process that wrote last.pt
                     log.warning("stopped by signal %d at epoch %d step %d; checkpoint %s (continue with --resume)",
                                 stop.signal, progress.epoch + 1, progress.step_in_epoch, out_dir / "last.pt")
@@ -355,6 +368,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             predictions = predict(model, val_loader, device, cfg.train.val_beam_size, cfg.train.max_decode_len,
                                   amp=cfg.train.amp, should_stop=lambda: stop.signal is not None,
                                   cpu_bf16=cfg.train.cpu_bf16)
+            agree_on_stop()
             if stop.signal is not None:
                 # The epoch's training is done and its validation is not: that is the state saved, so --resume
                 # trains no more of this epoch and validates it from the start.

@@ -52,17 +52,32 @@ def save_checkpoint(state, path):
         f.write(os.path.basename(str(path)) + "\\n")
     save(state, path)
 
+# On rank 1 only: these (1-based) calls of caption_loss give NaN, and this one sends the process SIGTERM
 nan_calls = {int(n) for n in os.environ.get("NAN_LOSS_CALLS_RANK1", "").split(",") if n}
-if rank == 1 and nan_calls:  # these (1-based) calls of caption_loss give NaN on rank 1
+sigterm_call = int(os.environ.get("SIGTERM_RANK1_AT_CALL", "0"))
+if rank == 1 and (nan_calls or sigterm_call):
+    import signal
     import captioning.engine as engine
     real_loss, calls = engine.caption_loss, []
 
     def caption_loss(*args, **kwargs):
         calls.append(1)
+        if len(calls) == sigterm_call:
+            os.kill(os.getpid(), signal.SIGTERM)
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) in nan_calls else loss
 
     engine.caption_loss = caption_loss
+
+empty_call = int(os.environ.get("EMPTY_BATCH_RANK1_AT_CALL", "0"))  # rank 1's batch of this call: none readable
+if rank == 1 and empty_call:
+    real_collate, collated = training.collate_train, []
+
+    def collate_train(items):
+        collated.append(1)
+        return {"skipped": ["every image unreadable"]} if len(collated) == empty_call else real_collate(items)
+
+    training.collate_train = collate_train
 
 wait = training.barrier
 
@@ -213,6 +228,30 @@ def test_a_loss_that_is_not_finite_on_one_rank_is_skipped_on_both(tmp_path):
     assert all(torch.equal(weight, rank1["model"][key]) for key, weight in rank0["model"].items())
     progress = torch.load(tmp_path / "nan" / "run" / "last.pt", weights_only=True)["progress"]
     assert progress["skipped_nonfinite"] == 1
+
+
+def test_a_batch_with_no_readable_image_on_one_rank_is_skipped_on_both(tmp_path):
+    config = _config(tmp_path, "empty", PER_RANK_BATCH, 1)
+    evidence = _launch(tmp_path, "empty", ["--config", str(config)], nproc=2, EMPTY_BATCH_RANK1_AT_CALL="2")
+    rank0, rank1 = _evidence(evidence, 0, 0), _evidence(evidence, 1, 0)
+    assert rank0["steps"] == rank1["steps"] == 2 and len(rank0["losses"]) == len(rank1["losses"]) == 1
+    assert all(torch.equal(weight, rank1["model"][key]) for key, weight in rank0["model"].items())
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """A signal that reaches one process only (kill of one PID, or Ctrl-C landing between two ranks' checks): every
+    rank stops after the same step, and rank 0 writes last.pt there. A rank that went on would wait in the next
+    gradient all-reduce for the one that stopped, and rank 0 fail before saving."""
+    config = _config(tmp_path, "one", PER_RANK_BATCH, 2)  # 2 steps per epoch
+    evidence = tmp_path / "one" / "evidence"
+    torchrun = ["--nproc_per_node", "2", "--standalone"]
+    result = subprocess.run(_command(tmp_path, evidence, torchrun, ["--config", str(config)]), cwd=tmp_path,
+                            env=_env(SIGTERM_RANK1_AT_CALL="3"), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "stopped by signal 15 at epoch 2 step 1" in result.stderr, result.stderr[-3000:]
+    assert torch.load(tmp_path / "one" / "run" / "last.pt", weights_only=True)["progress"]["global_step"] == 3
+    resumed = _launch(tmp_path, "one", ["--resume", str(tmp_path / "one" / "run" / "last.pt")], nproc=2)
+    assert _evidence(resumed, 0, 1)["steps"] == 2
 
 
 def test_two_machines_without_a_shared_filesystem(tmp_path):
