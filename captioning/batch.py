@@ -360,7 +360,7 @@ class CocoWriter(JsonlWriter):
 def _warn_of_ids(files: dict[int | str, list[str]], results: Path) -> None:
     """COCO's caption evaluation takes one caption per image, named by its numeric id: say which files break that."""
     shared = {i: paths for i, paths in files.items() if len(paths) > 1}
-    named = [paths[0] for i, paths in files.items() if isinstance(i, str)]
+    named = [path for i, paths in files.items() if isinstance(i, str) for path in paths]
     if shared:
         i, paths = next(iter(shared.items()))
         log.warning("%s: %d image_id(s) belong to more than one file (%s: %s), which COCO's caption evaluation does "

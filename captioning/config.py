@@ -100,7 +100,7 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         cfg = cls()
-        _merge(cfg, d, "")
+        _merge(cfg, _without_retired(d), "")
         return validate(cfg)
 
 
@@ -128,12 +128,16 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
 _RETIRED = {"train.log_every"}
 
 
+def _without_retired(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config saved in a checkpoint, less the keys removed since (a config file or --set naming one is refused)."""
+    return {section: {name: v for name, v in values.items() if f"{section}.{name}" not in _RETIRED}
+            if isinstance(values, dict) else values for section, values in saved.items()}
+
+
 def _merge(obj: Any, updates: dict[str, Any], prefix: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for name, value in updates.items():
         key = f"{prefix}{name}"
-        if key in _RETIRED:
-            continue
         if name not in hints:
             valid = ", ".join(f"{prefix}{f.name}" for f in dataclasses.fields(obj))
             raise ConfigError(f"unknown config key '{key}'; valid keys here: {valid}")
@@ -179,7 +183,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults (or `base`, e.g. a checkpoint's saved config) <- YAML file <- command-line overrides."""
     cfg = Config()
     if base is not None:
-        _merge(cfg, base, "")
+        _merge(cfg, _without_retired(base), "")
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -85,11 +85,8 @@ def bleu(refs: Mapping[K, list[list[str]]], hyps: Mapping[K, list[str]], n: int 
 
 
 def _close_meteor(scorer: Any) -> None:
-    """Stop the java process a pycocoevalcap Meteor scorer runs (older versions have no close())."""
-    if hasattr(scorer, "close"):
-        scorer.close()
-        return
-    # Not under scorer.lock: a compute_score stopped by Ctrl-C still holds it, and waiting for it would hang
+    """Stop the java process a pycocoevalcap Meteor scorer runs. Not with its close() (which older versions lack)
+    nor under its lock: a compute_score stopped by Ctrl-C still holds the lock, and waiting for it would hang."""
     process = scorer.meteor_p
     for stream in (process.stdin, process.stdout, process.stderr):
         stream.close()

@@ -64,6 +64,12 @@ def main(args: argparse.Namespace) -> int:
         sys.exit(f"error: --out {out} names an image file; write the captions to a .jsonl, .csv or .json file")
     unreadable = []
     try:
+        if args.attention_dir:
+            maps = Path(args.attention_dir).resolve()
+            for folder in (Path(i) for i in args.inputs if Path(i).is_dir()):
+                if folder.resolve().is_relative_to(maps):
+                    raise ValueError(f"--attention-dir {args.attention_dir} holds the input folder {folder}, so the "
+                                     "maps would be captioned next time; name a folder outside it")
         paths = list(expand_inputs(args.inputs, not args.flat, on_error=unreadable.append, skip=args.attention_dir))
         if not paths and not unreadable:
             raise ValueError(f"no image files in {' '.join(args.inputs)} (JPEG, PNG, WebP, ... by their extension"

@@ -199,14 +199,16 @@ def test_csv_and_coco_outputs_parse(tree, trained_checkpoint, tmp_path):
 def test_coco_results_name_the_files_whose_ids_clash_or_are_not_numbers(tree, trained_checkpoint, tmp_path,
                                                                         caplog):
     photos, out = tmp_path / "photos", tmp_path / "results.json"
-    for name in ("x/000000000139.jpg", "y/000000000139.jpg", "holiday.jpg"):
+    for name in ("x/000000000139.jpg", "y/000000000139.jpg", "holiday.jpg", "x/holiday.jpg"):
         (photos / name).parent.mkdir(parents=True, exist_ok=True)
         (photos / name).write_bytes((tree["photos"] / "nested" / "g.jpg").read_bytes())
     with caplog.at_level("WARNING", logger="captioning.batch"):
         assert run(trained_checkpoint, str(photos), "--out", str(out)) == 0
-    assert sorted(map(str, (r["image_id"] for r in json.loads(out.read_text())))) == ["139", "139", "holiday"]
-    assert f"{out}: 1 image_id(s) belong to more than one file (139: {photos / 'x'}" in caplog.text
-    assert f"{out}: 1 file(s) have no COCO image id in their name ({photos / 'holiday.jpg'})" in caplog.text
+    ids = sorted(map(str, (r["image_id"] for r in json.loads(out.read_text()))))
+    assert ids == ["139", "139", "holiday", "holiday"]
+    shared = f"holiday: {photos / 'holiday.jpg'}, {photos / 'x' / 'holiday.jpg'}"
+    assert f"{out}: 2 image_id(s) belong to more than one file ({shared})" in caplog.text
+    assert f"{out}: 2 file(s) have no COCO image id in their name ({photos / 'holiday.jpg'})" in caplog.text
 
 
 def test_attention_maps_and_nbest_in_jsonl(tree, trained_checkpoint, tmp_path):
@@ -228,6 +230,9 @@ def test_attention_maps_written_inside_the_input_folder_are_not_inputs(tree, tra
         assert run(trained_checkpoint, str(photos), "--out", str(out), "--attention-dir", str(photos / "maps")) == 0
     assert sorted(Path(r["path"]).name for r in read_jsonl(out)) == ["g.jpg", "h.png"]
     assert sorted(p.name for p in (photos / "maps").rglob("*.png")) == ["g.jpg.png", "h.png.png"]
+    for maps in (photos, tmp_path):  # the input folder itself, or a folder that holds it
+        with pytest.raises(SystemExit, match=f"--attention-dir {maps} holds the input folder {photos}"):
+            run(trained_checkpoint, str(photos), "--out", str(out), "--attention-dir", str(maps))
 
 
 def test_a_photo_gone_before_its_attention_map_keeps_its_caption(tree, trained_checkpoint, tmp_path, monkeypatch,

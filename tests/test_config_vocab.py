@@ -84,7 +84,10 @@ def test_a_config_saved_with_a_retired_key_still_loads():
     saved = Config().to_dict()
     saved["train"]["log_every"] = 50
     assert Config.from_dict(saved) == Config()
+    assert load_config(None, ["train.lr=0.5"], base=saved).train.lr == 0.5  # a resumed run's saved config
     assert "log_every" not in Config().to_dict()["train"]
+    with pytest.raises(ConfigError, match="unknown config key 'train.log_every'"):
+        load_config(None, ["train.log_every=5"])
 
 
 @pytest.mark.parametrize("item, message", [
