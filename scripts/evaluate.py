@@ -79,10 +79,6 @@ def main(args: argparse.Namespace) -> dict:
                                        no_repeat_ngram=args.no_repeat_ngram, cpu_bf16=args.bf16)
     except ValueError as e:  # no image of the split could be read
         sys.exit(f"error: {args.split} split: {e}")
-    except KeyboardInterrupt:  # nothing is written before every image is scored
-        print(f"stopped: nothing was written; run the same command again to evaluate the {args.split} split",
-              file=sys.stderr)
-        raise SystemExit(128 + signal.SIGINT) from None
     out.mkdir(parents=True, exist_ok=True)
     results = [{"image_id": source.samples[i].image_id, "caption": c} for i, c in sorted(predictions.items())]
     (out / f"captions_{args.split}.json").write_text(json.dumps(results, indent=1))
@@ -108,4 +104,8 @@ def main(args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
     with console_logging(logging.WARNING):
-        main(get_args_parser().parse_args())
+        try:
+            main(get_args_parser().parse_args())
+        except KeyboardInterrupt:  # the captions and scores are written once every image is scored
+            print("stopped: no captions or scores were written; run the same command again", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGINT) from None
