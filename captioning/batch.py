@@ -58,16 +58,17 @@ def expand_inputs(inputs: Iterable[str | Path], recursive: bool = True,
                   on_error: Callable[[OSError], None] | None = None, skip: str | Path | None = None) -> Iterator[str]:
     """Image paths from files, folders (image files inside, recursively unless `recursive` is off; hidden files and
     folders, symbolic links to folders and the folder `skip`, where the run writes its attention maps, left out) and
-    list files (.txt/.lst: one path per line, relative to the list file; blank lines and lines starting with '#'
-    ignored). A file named directly is tried whatever its extension, so a bad one gets reported. A folder that cannot
-    be read is passed to `on_error` (ignored without one)."""
+    list files (.txt/.lst: one file or folder per line, relative to the list file; blank lines and lines starting
+    with '#' ignored). A file named directly is tried whatever its extension, so a bad one gets reported. A folder
+    that cannot be read is passed to `on_error` (ignored without one)."""
     skip = os.path.realpath(skip) if skip is not None else None
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             yield from _walk(path, recursive, on_error, skip)
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-            yield from _read_list(path)
+            for entry in _read_list(path):
+                yield from _walk(Path(entry), recursive, on_error, skip) if os.path.isdir(entry) else (entry,)
         elif path.is_file():
             yield str(path)
         else:

@@ -4,10 +4,10 @@
     python scripts/caption.py --checkpoint best.pt photos/ more.txt --format csv --n-best 3
     python scripts/caption.py --checkpoint best.pt val2014/ --out captions_val2014.json   # COCO results format
 
-Folders are searched recursively (--flat: top level only); a .txt file lists image paths, one per line, relative to
-the list file. Results are flushed after every batch, and a second run skips the images the output already holds
-(--overwrite starts afresh). Unreadable files are reported and skipped; the exit code is non-zero only with
---strict. COCO output keeps its progress in <out stem>.progress.jsonl and writes the JSON array when a run ends.
+Folders are searched recursively (--flat: top level only); a .txt file lists image files or folders, one per line,
+relative to the list file. Results are flushed after every batch, and a second run skips the images the output
+already holds (--overwrite starts afresh). Unreadable files are reported and skipped; the exit code is non-zero only
+with --strict. COCO output keeps its progress in <out stem>.progress.jsonl and writes the JSON array when a run ends.
 """
 
 import argparse
@@ -29,7 +29,7 @@ DEFAULT_OUT = {"jsonl": "captions.jsonl", "csv": "captions.csv", "coco": "captio
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by scripts/train.py")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, or .txt lists of image paths")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, or .txt lists of them")
     p.add_argument("--out", help="results file (default: captions.jsonl, .csv or .json after --format)")
     p.add_argument("--format", choices=FORMATS, help="default: from --out's extension (.csv, .json = coco), else jsonl")
     p.add_argument("--beam-size", type=at_least(1), default=3)

@@ -431,6 +431,9 @@ def test_input_and_output_errors_name_the_file(tree, trained_checkpoint, tmp_pat
     (tmp_path / "bom.txt").write_text("\ufeffa.jpg\n")  # a list saved by Notepad starts with a byte-order mark
     (tmp_path / "a.jpg").write_bytes((tree["photos"] / "a.jpg").read_bytes())
     assert list(expand_inputs([tmp_path / "bom.txt"])) == [str(tmp_path / "a.jpg")]
+    (tmp_path / "folders.txt").write_text(f"{tree['photos'] / 'nested'}\n")  # searched as on the command line
+    listed = list(expand_inputs([tmp_path / "folders.txt"]))
+    assert listed == list(expand_inputs([tree["photos"] / "nested"])) and len(listed) == 2
     (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
     found = list(expand_inputs([tmp_path], recursive=False))
     assert found == [str(tmp_path / "IMG_0001.HEIC"), str(tmp_path / "a.jpg")]
