@@ -19,7 +19,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from captioning.config import ConfigError, TrainConfig
-from captioning.data.datasets import report_unreadable
+from captioning.data.datasets import report_unreadable, seed_of
 from captioning.decoding import decode
 from captioning.distributed import gather_objects, global_rank, is_main, local_rank, max_over_ranks
 from captioning.metrics import score_captions
@@ -217,7 +217,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             continue
         # The step's random numbers (dropout, scheduled sampling, self-critical samples) depend on (seed, rank, step)
         # alone, so a run resumed at any step draws what it would have drawn, on every rank of a torchrun job too
-        torch.manual_seed(hash((cfg.seed, global_rank(), progress.global_step)) & 0x7FFF_FFFF_FFFF_FFFF)
+        torch.manual_seed(seed_of(cfg.seed, global_rank(), progress.global_step))
         inputs = batch["inputs"].to(device, non_blocking=True)
         captions = batch["captions"].to(device, non_blocking=True)
         image_index = batch["image_index"].to(device, non_blocking=True)

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 InputLoader = Callable[[int, torch.Generator | None], torch.Tensor]
 
 
+def seed_of(*parts: int) -> int:
+    """A seed that follows from `parts` alone (e.g. seed, epoch, image): hash of ints is stable across processes."""
+    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def build_source(cfg: DataConfig, split: str) -> CaptionSource:
     """The configured dataset's split ('train', 'val' or 'test'); a split without images is a ValueError."""
     if cfg.dataset == "synthetic":
@@ -118,7 +123,7 @@ class TrainDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, list[torch.Tensor], int] | str | None:
         # Randomness depends on (seed, epoch, i) only, so a resumed run sees exactly the batches it would have seen.
-        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
+        g = torch.Generator().manual_seed(seed_of(self.seed, self.epoch, i))
         refs = self.captions[i]
         picks = torch.randperm(len(refs), generator=g).tolist()
         chosen = [refs[picks[j % len(refs)]] for j in range(self.per_image)]
