@@ -269,9 +269,10 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                               "text file, or set it to null")
         found = load_word_vectors(model.decoder.embed, cfg.model.word_vectors, vocab)
         log.info("word vectors: %d of %d vocabulary words found in %s", found, len(vocab), cfg.model.word_vectors)
-    model.to(device)
 
     preprocess = Preprocess.for_encoder(model.encoder, cfg.data.image_size)
+    model.encoder.check_input_size(preprocess.size)
+    model.to(device)
     cfg.data.image_size = preprocess.size  # 0 (the weights' crop size) as a number: a checkpoint's model is
     # rebuilt without its pretrained weights, so evaluation, captioning and the demo read the size from here
     train_load, val_load = _input_loaders(cfg, model, preprocess, train_src, val_src, device)

@@ -45,11 +45,13 @@ def main(args: argparse.Namespace) -> None:
     m = cfg.model
     torch.manual_seed(cfg.train.seed)  # a random encoder (encoder_weights null) as train.py's run draws it
     try:
-        encoder = Encoder(m.encoder, m.encoder_weights, 0, m.grid_size).to(device)
+        encoder = Encoder(m.encoder, m.encoder_weights, 0, m.grid_size)
+        preprocess = Preprocess.for_encoder(encoder, cfg.data.image_size)
+        encoder.check_input_size(preprocess.size)
+        encoder.to(device)
         sources = {split: build_source(cfg.data, split) for split in args.splits}
     except (FileNotFoundError, ValueError) as e:  # ConfigError too
         sys.exit(f"error: {e}")
-    preprocess = Preprocess.for_encoder(encoder, cfg.data.image_size)
     folder = Path(cfg.data.feature_cache)
     for split, source in sources.items():
         record = cache_record(cfg, encoder, preprocess, source)

@@ -189,6 +189,16 @@ def test_encoder_settings_that_cannot_work_are_config_errors_naming_the_key(monk
         Encoder("resnet18", "DEFAULT")
 
 
+def test_an_input_side_the_trunk_cannot_take_is_refused_naming_the_least_it_takes():
+    encoder = Encoder("alexnet", None)
+    encoder.check_input_size(63)  # AlexNet's strides and pools leave a 1 x 1 grid of a 63 px image
+    for size in (62, 16):
+        with pytest.raises(ConfigError, match=rf"data.image_size {size} is too small for model.encoder alexnet: .*"
+                                              r"use at least 63, or 0"):
+            encoder.check_input_size(size)
+    assert encoder.training  # the probe leaves the mode as it was
+
+
 # --------------------------------------------------------------------------------------------------------- decoders
 
 @pytest.mark.parametrize("num_layers", [1, 2])

@@ -268,7 +268,9 @@ def test_extract_features_script_caches_each_split_once_and_refuses_what_trainin
 
     (tmp_path / "a_file").write_text("")
     for flags, message in [([f"data.feature_cache={tmp_path / 'a_file'}"], "is a file; name a folder"),
-                           ([f"data.feature_cache={cache}", "model.trainable_layers=1"], "needs a frozen encoder")]:
+                           ([f"data.feature_cache={cache}", "model.trainable_layers=1"], "needs a frozen encoder"),
+                           ([f"data.feature_cache={cache}", "model.encoder=alexnet", "data.image_size=16"],
+                            "data.image_size 16 is too small for model.encoder alexnet")]:
         _assert_clean_error(_script("extract_features.py", "--config", config, "--set", *flags, cwd=tmp_path),
                             message)
 

@@ -375,6 +375,14 @@ def test_feature_cache_needs_a_frozen_encoder(tmp_path):
         _small(tmp_path / "run", **{"data.feature_cache": str(tmp_path / "f"), "model.trainable_layers": 1})
 
 
+def test_an_image_size_the_encoder_cannot_take_is_refused_before_any_work(tmp_path):
+    cfg = _small(tmp_path / "run", **{"model.encoder": "alexnet", "data.image_size": 16, **_CACHED,
+                                      "data.feature_cache": str(tmp_path / "features")})
+    with pytest.raises(ConfigError, match="data.image_size 16 is too small for model.encoder alexnet"):
+        train(cfg)
+    assert not (tmp_path / "features").exists() and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("error", [KeyboardInterrupt, OSError, signal.SIGTERM])
 def test_an_interrupted_extraction_leaves_no_cache_and_no_temp_file(tmp_path, error):
     cfg = _small(tmp_path / "unused", **_CACHED)

@@ -75,6 +75,7 @@ class Encoder(nn.Module):
                               "path, or use null for random weights") from None
         if isinstance(resolved, Path):
             _load_trunk_state(model, resolved)
+        self.name = name
         self.trunk, stages = _trunk_and_stages(model, name)
         if not 0 <= trainable_layers <= len(stages):
             raise ConfigError(f"model.trainable_layers is {trainable_layers}, but {name} has {len(stages)} stages")
@@ -94,6 +95,31 @@ class Encoder(nn.Module):
         with torch.no_grad():
             self.out_channels = self.trunk.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
         self.train()
+
+    def check_input_size(self, size: int) -> None:
+        """Refuse an input side the trunk cannot take (its strides and pools would leave no feature grid), naming the
+        least side it takes."""
+        if self._takes(size):
+            return
+        low, high = size, 2 * size
+        while not self._takes(high):
+            low, high = high, 2 * high
+        while high - low > 1:  # the least side that works lies in (low, high]
+            mid = (low + high) // 2
+            low, high = (low, mid) if self._takes(mid) else (mid, high)
+        raise ConfigError(f"data.image_size {size} is too small for model.encoder {self.name}: its trunk reduces a "
+                          f"{size}x{size} image to nothing; use at least {high}, or 0 for the weights' own size")
+
+    def _takes(self, size: int) -> bool:
+        mode, device = self.training, next(self.parameters()).device
+        try:
+            with torch.no_grad():
+                self.trunk.eval()(torch.zeros(1, 3, size, size, device=device))
+            return True
+        except RuntimeError:  # "Output size is too small", or a kernel larger than its padded input
+            return False
+        finally:
+            self.train(mode)
 
     def train(self, mode: bool = True) -> Encoder:
         super().train(mode)
