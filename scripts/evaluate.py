@@ -12,8 +12,10 @@ Images that cannot be read are named in warnings, left out of the scores and cou
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -69,6 +71,11 @@ def main(args: argparse.Namespace) -> dict:
             raise ValueError(f"--out {out} is a file; name a folder for the captions and scores")
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    try:  # found now, not after every image is decoded
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        sys.exit(f"error: --out {out} cannot hold the captions and scores ({e.strerror}); name another folder")
     preprocess = Preprocess.for_encoder(model.encoder, cfg.data.image_size)
     dataset = EvalDataset(ImageLoader(source, preprocess), len(source))
     loader = DataLoader(dataset, args.batch_size, collate_fn=collate_eval, num_workers=args.num_workers,
@@ -79,17 +86,21 @@ def main(args: argparse.Namespace) -> dict:
                                        no_repeat_ngram=args.no_repeat_ngram, cpu_bf16=args.bf16)
     except ValueError as e:  # no image of the split could be read
         sys.exit(f"error: {args.split} split: {e}")
-    out.mkdir(parents=True, exist_ok=True)
     results = [{"image_id": source.samples[i].image_id, "caption": c} for i, c in sorted(predictions.items())]
-    (out / f"captions_{args.split}.json").write_text(json.dumps(results, indent=1))
     unreadable = len(source) - len(results)
     report = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(results),
               "unreadable_images": unreadable, "beam_size": args.beam_size, "max_len": args.max_len,
               "length_penalty": args.length_penalty, "no_repeat_ngram": args.no_repeat_ngram, "bf16": args.bf16,
               "data": cfg.to_dict()["data"], **scores}
-    (out / f"scores_{args.split}.json").write_text(json.dumps(report, indent=2))
     names = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
-    print("  ".join(f"{n} {scores[n]:.4f}" for n in names if n in scores))
+    print("  ".join(f"{n} {scores[n]:.4f}" for n in names if n in scores))  # first: a failed write keeps them
+    for path, text in [(out / f"captions_{args.split}.json", json.dumps(results, indent=1)),
+                       (out / f"scores_{args.split}.json", json.dumps(report, indent=2))]:
+        try:
+            replace_file(path, text)
+        except OSError as e:  # a full disk, most likely
+            sys.exit(f"error: {path}: {e.strerror}; the scores are printed above, and an earlier evaluation's file "
+                     "there is intact")
     for note in scores.get("notes", []):
         print(f"note: {note}")
     if unreadable:
@@ -99,6 +110,16 @@ def main(args: argparse.Namespace) -> dict:
     if args.strict and unreadable:
         raise SystemExit(1)
     return report
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write path whole or not at all: a full disk leaves an earlier evaluation's file as it was."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ data."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -187,6 +188,31 @@ def test_evaluate_script_on_a_split_it_cannot_read_or_an_out_that_is_a_file(synt
     result = _script("evaluate.py", "--checkpoint", run / "best.pt", "--no-meteor", "--out", tmp_path / "a_file",
                      cwd=tmp_path)
     _assert_clean_error(result, "is a file; name a folder")
+    result = _script("evaluate.py", "--checkpoint", run / "best.pt", "--no-meteor", "--out",
+                     tmp_path / "a_file" / "eval", cwd=tmp_path)  # refused before decoding, not after
+    _assert_clean_error(result, "a_file/eval cannot hold the captions and scores (Not a directory)")
+
+
+def test_evaluate_script_on_a_full_disk_prints_the_scores_and_keeps_the_earlier_files(synthetic_run, tmp_path,
+                                                                                     monkeypatch, capsys):
+    run, _ = synthetic_run
+    (tmp_path / "captions_test.json").write_text("earlier")
+    write_text = Path.write_text
+
+    def full_disk(path, text, *args, **kwargs):
+        if path.parent != tmp_path:
+            return write_text(path, text, *args, **kwargs)
+        path.open("w").close()  # opened, and so emptied, before the disk fills
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    argv = ["--checkpoint", str(run / "best.pt"), "--split", "test", "--no-meteor", "--num-workers", "0",
+            "--device", "cpu", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"captions_test\.json: No space left on device; the scores are printed"):
+        evaluate_script.main(evaluate_script.get_args_parser().parse_args(argv))
+    assert "Bleu_4 " in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions_test.json"]
+    assert (tmp_path / "captions_test.json").read_text() == "earlier"
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "x"])
