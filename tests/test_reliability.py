@@ -705,11 +705,18 @@ def test_demo_handler_on_malformed_uploads_shows_a_message_or_a_caption(malforme
 # ------------------------------------------------------------------------------------------- config mistakes
 
 
-def _vocab_mismatch(tmp_path: Path, trained_checkpoint: Path) -> None:
-    state = load_checkpoint(trained_checkpoint)
-    state["vocab"]["itos"].append("zebra")
-    save_checkpoint(state, tmp_path / "edited.pt")
-    load_model(tmp_path / "edited.pt")
+def _edited_checkpoint(edit):
+    """A mistake: loading the trained checkpoint saved again after edit(state)."""
+    def mistake(tmp_path: Path, trained_checkpoint: Path) -> None:
+        state = load_checkpoint(trained_checkpoint)
+        edit(state)
+        save_checkpoint(state, tmp_path / "edited.pt")
+        load_model(tmp_path / "edited.pt")
+    return mistake
+
+
+def _double_hidden(state: dict) -> None:
+    state["config"]["model"]["hidden_dim"] *= 2
 
 
 def _config_file(tmp_path: Path, text: str) -> Path:
@@ -732,7 +739,15 @@ CONFIG_MISTAKES = {  # name -> (the mistake, the exception, words of the fix tha
     "flickr8k-root-missing": (lambda tmp, ckpt: build_source(
         load_config(None, ["data.dataset=flickr8k", f"data.root={tmp / 'nowhere'}"]).data, "train"),
         FileNotFoundError, "Flickr8k_text.zip"),
-    "vocab-mismatch": (_vocab_mismatch, CheckpointError, "vocabulary"),
+    "vocab-mismatch": (_edited_checkpoint(lambda state: state["vocab"]["itos"].append("zebra")), CheckpointError,
+                       "vocabulary"),
+    "weights-of-another-model": (_edited_checkpoint(_double_hidden), CheckpointError, "of another shape: "),
+    "vocab-empty": (_edited_checkpoint(lambda state: state["vocab"].update(itos=[])), CheckpointError,
+                    "its vocabulary is damaged"),
+    "vocab-not-a-table": (_edited_checkpoint(lambda state: state.update(vocab="itos")), CheckpointError,
+                          "its vocabulary is damaged"),
+    "config-not-a-table": (_edited_checkpoint(lambda state: state.update(config="model")), CheckpointError,
+                           "its config is not a table of settings"),
 }
 
 
@@ -747,7 +762,7 @@ def test_config_mistakes_give_one_line_with_the_fix(tmp_path, trained_checkpoint
 
 def test_vocabulary_mismatch_is_refused_by_name(tmp_path, trained_checkpoint):
     with pytest.raises(CheckpointError) as info:
-        _vocab_mismatch(tmp_path, trained_checkpoint)
+        CONFIG_MISTAKES["vocab-mismatch"][0](tmp_path, trained_checkpoint)
     assert str(tmp_path / "edited.pt") in str(info.value)
 
 

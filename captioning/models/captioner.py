@@ -59,19 +59,38 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ca
     if missing:
         raise CheckpointError(f"{path} holds weights without the {' and '.join(missing)} to rebuild the model; use a "
                               "checkpoint written by scripts/train.py (RUN/best.pt)")
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"{path}: its config is not a table of settings; use a checkpoint as scripts/train.py "
+                              "wrote it (RUN/best.pt)")
     try:
         cfg = Config.from_dict(state["config"])
     except ConfigError as e:
         raise CheckpointError(f"{path}: its config does not fit this version of the code: {e}") from None
-    vocab = Vocabulary.from_dict(state["vocab"])
+    try:
+        vocab = Vocabulary.from_dict(state["vocab"])
+    except (TypeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: its vocabulary is damaged ({type(e).__name__}: {e}); use a checkpoint as "
+                              "scripts/train.py wrote it (RUN/best.pt)") from None
     stored_words = state["model"].get("decoder.embed.weight", torch.empty(0)).shape[0]
     if stored_words != len(vocab):
         raise CheckpointError(f"{path}: its vocabulary has {len(vocab)} words but its weights {stored_words}; use the "
                               "checkpoint as the run wrote it (RUN/best.pt), or retrain")
     model = Captioner(cfg.model, vocab, encoder_weights=None)  # all weights come from the checkpoint
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match the model its config describes "
-                              f"(vocabulary of {len(vocab)} words): {e}") from None
+    mismatch = _mismatch(model.state_dict(), state["model"])
+    if mismatch:
+        raise CheckpointError(f"{path}: its weights do not match the model its config describes ({mismatch}); use "
+                              "the checkpoint as the run wrote it (RUN/best.pt), or retrain")
+    model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg
+
+
+def _mismatch(expected: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]) -> str:
+    """One line on how stored weights differ from a model's: missing and unexpected names, shapes that differ
+    ('' when they fit). load_state_dict's own message lists every key over many lines."""
+    missing = [k for k in expected if k not in stored]
+    unexpected = [k for k in stored if k not in expected]
+    shapes = [f"{k} {tuple(stored[k].shape)} instead of {tuple(v.shape)}"
+              for k, v in expected.items() if k in stored and stored[k].shape != v.shape]
+    parts = [(f"{len(keys)} {what}: " + ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else ""))
+             for what, keys in [("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)] if keys]
+    return "; ".join(parts)
