@@ -37,7 +37,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if _full_disk(e):
             raise CheckpointError(f"no space left on the device while writing {path}; the previous checkpoint "
                                   "there is intact. Free some disk space or set train.out_dir elsewhere.") from e
         raise
@@ -47,6 +47,18 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     finally:
         os.close(dir_fd)
     remove_stale_temps(path)
+
+
+def _full_disk(e: BaseException | None) -> bool:
+    """Whether `e` comes of a full disk: torch.save reports the OSError of a failed write as a RuntimeError
+    ("unexpected pos ..."), with that OSError as its context."""
+    seen = set()
+    while e is not None and id(e) not in seen:  # a chain can loop back on itself
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _running(pid: int) -> bool:

@@ -3,8 +3,11 @@ and that a small model really learns the synthetic shapes."""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -91,6 +94,43 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
         load_checkpoint(path)
     assert str(path) in str(info.value)
 
+
+
+class _DiskThatFills(io.RawIOBase):
+    """A file on a disk with `room` bytes free: a longer write fails with ENOSPC, as on a really full disk."""
+
+    def __init__(self, file: io.RawIOBase, room: int):
+        self.file, self.room = file, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def test_a_disk_that_fills_during_torch_save_is_reported_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}}, path)
+    before = path.read_bytes()
+    real = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: io.BufferedWriter(_DiskThatFills(real(fd, mode, 0), 4096)))
+
+    with pytest.raises(CheckpointError, match="no space left") as info:  # torch.save's own error wraps the OSError
+        save_checkpoint({"model": {"w": torch.zeros(100_000)}}, path)
+    assert str(path) in str(info.value)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 @pytest.mark.parametrize("keep", [0.5, 0.0])
 def test_truncated_checkpoint_names_the_file(tmp_path, trained_checkpoint, keep):
