@@ -129,7 +129,7 @@ def score_captions(refs: Mapping[K, list[str]], hyps: Mapping[K, str], meteor: b
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocoevalcap prints progress
         if not meteor:
-            notes.append("METEOR not computed (evaluate.py computes it unless --no-meteor)")
+            notes.append("METEOR not computed (skipped in training's validation and by evaluate.py --no-meteor)")
         elif shutil.which("java") is None:
             notes.append("METEOR needs Java, which is not on PATH: install a Java runtime "
                          "(e.g. apt-get install default-jre-headless) and run again")

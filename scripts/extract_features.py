@@ -9,6 +9,7 @@ other settings is refused, as train.py refuses it, unless --overwrite replaces i
 """
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -75,8 +76,11 @@ def main(args: argparse.Namespace) -> None:
             print(f"stopped: the {split} split was not cached (splits finished before it are kept); run the same "
                   "command again to go on", file=sys.stderr)
             raise SystemExit(128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT)) from None
-        mb = path.stat().st_size / 2**20
-        print(f"{split}: {len(source)} images -> {path} ({mb:.0f} MB, {1024 * mb / len(source):.0f} KB/image)")
+        unreadable = len(json.loads((folder / f"{split}.json").read_text())["unreadable"])
+        left_out = f" ({unreadable} unreadable, left out)" if unreadable else ""
+        size = path.stat().st_size
+        print(f"{split}: {len(source) - unreadable} images{left_out} -> {path} ({size / 1e6:.0f} MB, "
+              f"{size / 1e3 / len(source):.0f} KB/image)")
 
 
 if __name__ == "__main__":

@@ -301,6 +301,19 @@ def test_extract_features_script_caches_each_split_once_and_refuses_what_trainin
                             message)
 
 
+def test_extract_features_script_counts_the_images_it_left_out(make_coco, tmp_path):
+    root = make_coco(tmp_path, split="val", n_images=3)
+    sorted((root / "val2017").iterdir())[0].write_bytes(b"not a jpeg")
+    cache = tmp_path / "features"
+    result = _script("extract_features.py", "--config", _write_yaml(tmp_path / "tiny.yaml", TINY), "--splits", "val",
+                     "--set", "data.dataset=coco", f"data.root={root}", "data.year=2017", f"data.feature_cache={cache}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    size = (cache / "val.npy").stat().st_size  # decimal units, as the README's sizes per image
+    assert f"val: 2 images (1 unreadable, left out) -> {cache / 'val.npy'} ({size / 1e6:.0f} MB, " \
+           f"{size / 1e3 / 3:.0f} KB/image)" in result.stdout
+
+
 def test_evaluate_script_scores_the_model_run_in_bf16(synthetic_run, tmp_path, monkeypatch):
     run, _ = synthetic_run
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # bf16 runs on any CPU, only slowly
