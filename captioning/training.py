@@ -237,6 +237,9 @@ def _keep_metrics_before(path: Path, epoch: int) -> None:
 
 def train(cfg: Config, resume: str | Path | None = None) -> Path:
     """Train as `cfg` says; with `resume` (a checkpoint path) continue that run exactly. Returns the run folder."""
+    if not cfg.train.out_dir.strip():  # Path("") is the current folder, which the run's files would then litter
+        raise ConfigError("config key 'train.out_dir' is empty; name the run folder, e.g. --set "
+                          "train.out_dir=runs/my_run")
     device = resolve_device(cfg.train.device)
     if device.type == "cpu":
         keep_freed_memory()

@@ -257,6 +257,14 @@ def test_new_run_in_a_used_folder_is_refused(trained_checkpoint):
         train(tiny_config(trained_checkpoint.parent))
 
 
+
+def test_an_empty_out_dir_is_refused_before_writing_into_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="config key 'train.out_dir' is empty"):
+        train(_small(tmp_path / "unused", **{"train.out_dir": ""}))
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------------------------------------- resume
 
 def test_resume_at_an_epoch_boundary_continues_the_run_exactly(tmp_path):
