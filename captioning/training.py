@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
+import os
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +191,7 @@ FIXED_ON_RESUME = (
 )
 
 
-def _check_resumable(cfg: Config, state: dict[str, Any], resume: str | Path, out_dir: Path, world: int) -> None:
+def _check_resumable(cfg: Config, state: dict[str, Any], resume: str | Path, world: int) -> None:
     if "progress" not in state:
         raise CheckpointError(f"{resume} holds a model's weights only, not a run's progress; resume from the run's "
                               "last.pt")
@@ -217,12 +222,67 @@ def _check_resumable(cfg: Config, state: dict[str, Any], resume: str | Path, out
         raise ConfigError(f"{resume}: the run stopped early after epoch {done} ({t.select_metric} had not improved "
                           f"in {bad} epochs, train.early_stop_patience {patience}); to train on, raise it, e.g. "
                           f"--set train.early_stop_patience={bad + 2}")
-    if out_dir.resolve() != Path(resume).resolve().parent and (out_dir / "last.pt").exists():
-        raise FileExistsError(f"{out_dir} holds another run (last.pt); resume into the checkpoint's own folder, "
-                              "or choose an empty one with --set train.out_dir=...")
     if Path(resume).name != "last.pt" and is_main():
         log.warning("resuming from %s (epoch %d): the run goes on from there, and its later epochs, last.pt and "
                     "metrics.jsonl lines are written again", resume, state["progress"]["epoch"] + 1)
+
+
+# The files a run writes that a new run in the folder would replace or truncate (config.yaml and vocab.json alone are
+# rewritten alike by a run that restarts after failing before its first epoch ended).
+RUN_FILES = ("last.pt", "best.pt", "averaged.pt", "metrics.jsonl")
+
+
+def _lock_run_folder(out_dir: Path) -> int:
+    """Make sure this process can write the run folder and is the only one writing it -> the file descriptor holding
+    its lock, which the process's end, however it comes, releases."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:  # now, not at the first checkpoint, an epoch of training later
+        fd, probe = tempfile.mkstemp(prefix=".writable.", dir=out_dir)
+    except OSError as e:
+        raise ConfigError(f"train.out_dir {out_dir} cannot be written ({e.strerror}); make it writable, or choose "
+                          "another folder with --set train.out_dir=...") from None
+    os.close(fd)
+    os.unlink(probe)
+    lock = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise ConfigError(f"train.out_dir {out_dir}: another training is writing this run folder; wait for it to end, "
+                          "or choose another folder with --set train.out_dir=...") from None
+    return lock
+
+
+def _check_no_other_run(out_dir: Path, resume: str | Path | None) -> None:
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not found or (resume is not None and out_dir.resolve() == Path(resume).resolve().parent):
+        return
+    if resume is None:
+        raise FileExistsError(f"{out_dir} already holds a run ({found[0]}); continue it with --resume, or choose "
+                              "another folder with --set train.out_dir=...")
+    raise FileExistsError(f"{out_dir} holds another run ({found[0]}); resume into the checkpoint's own folder, or "
+                          "choose an empty one with --set train.out_dir=...")
+
+
+@contextlib.contextmanager
+def _hold_run_folder(out_dir: Path, resume: str | Path | None) -> Iterator[None]:
+    """Rank 0, the process that writes the run folder, holds it for the run. When it refuses the folder, every rank
+    ends with its error: a rank left to go on would wait in its next collective for one that has ended."""
+    lock, refusal = None, None
+    if is_main():
+        try:
+            lock = _lock_run_folder(out_dir)
+            _check_no_other_run(out_dir, resume)  # once locked: a run still writing the folder is not "a run" there
+        except (ConfigError, OSError) as e:
+            refusal = e
+    refusal = broadcast_object(refusal)
+    try:
+        if refusal is not None:
+            raise refusal
+        yield
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def _keep_metrics_before(path: Path, epoch: int) -> None:
@@ -249,10 +309,14 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     out_dir = Path(cfg.train.out_dir)
     state = load_checkpoint(resume) if resume else None
     if state is not None:
-        _check_resumable(cfg, state, resume, out_dir, world)
-    elif (out_dir / "last.pt").exists():
-        raise FileExistsError(f"{out_dir} already holds a run (last.pt); continue it with --resume, "
-                              "or choose another folder with --set train.out_dir=...")
+        _check_resumable(cfg, state, resume, world)
+    with _hold_run_folder(out_dir, resume):
+        return _run(cfg, state, device, rank, world, out_dir)
+
+
+def _run(cfg: Config, state: dict[str, Any] | None, device: torch.device, rank: int, world: int,
+         out_dir: Path) -> Path:
+    """train() in a run folder that this process holds; `state` is the checkpoint resumed, if any."""
     torch.manual_seed(cfg.train.seed)  # the decoder's initial weights
 
     train_src, val_src = build_source(cfg.data, "train"), build_source(cfg.data, "val")
@@ -312,7 +376,6 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         model.decoder.compile_step()
 
     if is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
         _keep_metrics_before(out_dir / "metrics.jsonl", progress.epoch)
         save_config(cfg, out_dir / "config.yaml")
         vocab.save(out_dir / "vocab.json")

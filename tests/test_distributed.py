@@ -174,7 +174,8 @@ def test_only_rank_zero_writes(runs):
     assert not (runs["ddp"] / "saves_rank1.txt").exists()
     assert (runs["ddp"] / "saves_rank0.txt").read_text().split() == ["best.pt", "last.pt"]
     run = runs["ddp_run"]
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "vocab.json"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "best.pt", "config.yaml", "last.pt", "metrics.jsonl",
+                                                     "vocab.json"]  # .lock: rank 0's, held while it writes the run
     # The checkpoint holds the weights both ranks trained to (a rank-1 write would not change this, but would add lines
     # to metrics.jsonl and names to saves_rank1.txt).
     checkpoint, trained = runs["first_epoch"]["model"], _evidence(runs["ddp"], 0, 0)["model"]

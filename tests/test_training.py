@@ -4,6 +4,7 @@ and that a small model really learns the synthetic shapes."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import json
 import math
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +257,72 @@ def test_run_folder_contents(trained_checkpoint):
 def test_new_run_in_a_used_folder_is_refused(trained_checkpoint):
     with pytest.raises(FileExistsError, match="--resume"):
         train(tiny_config(trained_checkpoint.parent))
+
+
+
+@pytest.mark.parametrize("name", ["best.pt", "metrics.jsonl", "averaged.pt", "last.pt"])
+def test_a_folder_holding_any_of_a_runs_outputs_is_refused_to_a_new_run_and_to_another_runs_resume(
+        tmp_path, trained_checkpoint, name):
+    run = tmp_path / "run"  # e.g. after a crash, or with last.pt deleted to save space
+    run.mkdir()
+    (run / name).write_bytes(b"the earlier run's")
+    with pytest.raises(FileExistsError, match=f"already holds a run \\({name}\\); continue it with --resume"):
+        train(_small(run))
+    with pytest.raises(FileExistsError, match=f"holds another run \\({name}\\); resume into the checkpoint's own"):
+        train(tiny_config(run, **{"train.epochs": 2}), resume=trained_checkpoint.parent / "last.pt")
+    assert sorted(p.name for p in run.iterdir() if p.name != ".lock") == [name]
+    assert (run / name).read_bytes() == b"the earlier run's"
+
+
+def _lock(folder: Path):
+    """Hold the run folder's lock as another training would -> the open lock file (closing it releases the lock)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".lock", "a")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return f
+
+
+def test_a_run_folder_that_another_training_is_writing_is_refused_to_a_new_run_and_to_a_resume(tmp_path):
+    cfg = _small(tmp_path / "run")
+    train(cfg)
+    with _lock(tmp_path / "run"):  # train() released its lock when it returned
+        with pytest.raises(ConfigError, match=f"{tmp_path / 'run'}: another training is writing this run folder"):
+            train(_small(tmp_path / "run", **{"train.epochs": 2}), resume=tmp_path / "run" / "last.pt")
+        metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with _lock(tmp_path / "new"):
+        with pytest.raises(ConfigError, match="another training is writing"):
+            train(_small(tmp_path / "new"))
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [".lock"]
+
+    def check_held(*args, **kwargs):  # a second training while this one trains
+        with pytest.raises(BlockingIOError):
+            _lock(tmp_path / "run")
+        return real(*args, **kwargs)
+
+    real = training.train_one_epoch
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "train_one_epoch", check_held)
+        train(_small(tmp_path / "run", **{"train.epochs": 2}), resume=tmp_path / "run" / "last.pt")
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().startswith(metrics)
+    assert len(_metrics(tmp_path / "run")) == 2
+    train(_small(tmp_path / "new"))
+
+
+def test_a_run_folder_that_cannot_be_written_is_refused_before_training(tmp_path, monkeypatch):
+    first = train(_small(tmp_path / "run"))
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    real = tempfile.mkstemp
+
+    def read_only_run_folder(*args, dir=None, **kwargs):  # as chmod a-w would, which root is not held to
+        if Path(dir) == first:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(first / ".x.tmp"))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only_run_folder)
+    monkeypatch.setattr(training, "train_one_epoch", lambda *a, **k: pytest.fail("trained in a folder it cannot write"))
+    with pytest.raises(ConfigError, match=f"train.out_dir {first} cannot be written \\(Permission denied\\)"):
+        train(_small(first, **{"train.epochs": 2}), resume=first / "last.pt")
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
 
 
 
