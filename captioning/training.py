@@ -401,7 +401,9 @@ def _run(cfg: Config, state: dict[str, Any] | None, device: torch.device, rank: 
         def on_step() -> bool:
             agree_on_stop()
             every = cfg.train.save_every_steps
-            if stop.signal is None and every and progress.global_step % every == 0:
+            # Not before a step of the epoch has trained: an epoch whose every batch is unreadable ends in an error,
+            # and a last.pt of its skipped steps would replace the run's last good one
+            if stop.signal is None and every and progress.losses and progress.global_step % every == 0:
                 checkpoint(out_dir / "last.pt")
             return stop.signal is not None
 
@@ -421,6 +423,7 @@ def _run(cfg: Config, state: dict[str, Any] | None, device: torch.device, rank: 
             loader = DataLoader(train_ds, cfg.train.batch_size, sampler=train_sampler, collate_fn=collate_train,
                                 generator=torch.Generator().manual_seed(cfg.train.seed + progress.epoch),
                                 **loader_args)
+            nonfinite_before = progress.skipped_nonfinite
             train_loss = train_one_epoch(net, loader, optimizer, None if self_critical else scheduler, scaler, device,
                                          cfg.train, progress, cfg.train.epochs * steps_per_epoch, on_step,
                                          rewards=rewards)
@@ -431,6 +434,16 @@ def _run(cfg: Config, state: dict[str, Any] | None, device: torch.device, rank: 
                     log.warning("stopped by signal %d at epoch %d step %d; checkpoint %s (continue with --resume)",
                                 stop.signal, progress.epoch + 1, progress.step_in_epoch, out_dir / "last.pt")
                 raise SystemExit(128 + stop.signal)
+            if not progress.losses:  # every step of the epoch skipped; the ranks skip together, so all of them end here
+                if progress.skipped_nonfinite > nonfinite_before:
+                    raise FloatingPointError(f"no training step ran in epoch {progress.epoch + 1}: the loss was not "
+                                             "finite on any step; lower train.lr or turn off train.amp")
+                why = (f"none of the {len(train_src)} images of the train split could be read" if world == 1 else
+                       f"at every step one of the {world} processes could read no image of its batch of the train "
+                       f"split's {len(train_src)} images")
+                raise ValueError(f"no training step ran in epoch {progress.epoch + 1}: {why} (each is named in a "
+                                 "warning above); check data.root and the image files, e.g. with python "
+                                 "scripts/check_data.py")
             train_loss = sum(gather_objects(train_loss)) / world  # each rank's mean over its shard, all the same size
             predictions = predict(model, val_loader, device, cfg.train.val_beam_size, cfg.train.max_decode_len,
                                   amp=cfg.train.amp, should_stop=lambda: stop.signal is not None,

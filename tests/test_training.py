@@ -728,6 +728,32 @@ def test_a_loss_that_stays_nan_stops_training(tmp_path, monkeypatch):
         train(_small(tmp_path / "run", **{"data.num_train": 48, "train.batch_size": 4}))  # 12 steps
 
 
+
+_UNTRAINED = ("best.pt", "last.pt", "metrics.jsonl")  # what an epoch with no step must not write
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_an_epoch_in_which_no_training_image_could_be_read_is_an_error_before_any_checkpoint(tmp_path, make_coco):
+    make_coco(tmp_path, split="train", n_images=6)
+    root = make_coco(tmp_path, split="val", n_images=3)
+    cfg = _small(tmp_path / "run", **{"data.dataset": "coco", "data.root": str(root), "train.batch_size": 2,
+                                      "train.save_every_steps": 1})
+    for sample in build_source(cfg.data, "train").samples:
+        Path(sample.path).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no training step ran in epoch 1: none of the 6 images of the train split "
+                                         r"could be read .*python scripts/check_data.py"):
+        train(cfg)
+    assert not [name for name in _UNTRAINED if (tmp_path / "run" / name).exists()]
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_an_epoch_whose_every_loss_is_nan_is_an_error_before_any_checkpoint(tmp_path, monkeypatch):
+    _nan_on(monkeypatch, None)
+    with pytest.raises(FloatingPointError, match="no training step ran in epoch 1: the loss was not finite"):
+        train(_small(tmp_path / "run"))  # 3 steps, fewer than the 10 skipped steps that end a run anyway
+    assert not [name for name in _UNTRAINED if (tmp_path / "run" / name).exists()]
+
+
 # ---------------------------------------------------------------------------------------------------- loss scaling
 
 def _scaled(monkeypatch, init_scale: float) -> None:
