@@ -285,14 +285,45 @@ def _hold_run_folder(out_dir: Path, resume: str | Path | None) -> Iterator[None]
             os.close(lock)
 
 
+def _epoch_of(line: str) -> int | None:
+    """The epoch a metrics.jsonl line records; None when the line is not such a record."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    epoch = row.get("epoch") if isinstance(row, dict) else None
+    return epoch if isinstance(epoch, int) else None
+
+
 def _keep_metrics_before(path: Path, epoch: int) -> None:
     """Drop the metrics.jsonl lines of `epoch` and later: a resumed run writes them again (it was stopped before
     its last.pt recorded them, or it resumes from an earlier checkpoint such as best.pt)."""
-    if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < epoch]
-        if len(kept) != len(lines):
-            path.write_text("".join(kept))
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text; repair or delete the line, then resume again") from None
+    lines = text.split("\n")
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        line_epoch = _epoch_of(line)
+        if line_epoch is None and number == len(lines):
+            # No newline after it: a write that a crash cut short. last.pt is saved after the line, so the run writes
+            # that epoch's line again.
+            log.warning("%s: dropped its last line, %d characters that a crash cut short while they were written",
+                        path, len(line))
+        elif line_epoch is None:
+            raise ValueError(f"{path}, line {number}: not a metrics record ({line[:40]!r}); repair or delete the "
+                             "line, then resume again")
+        elif line_epoch < epoch:
+            kept.append(line + "\n")
+    if "".join(kept) != text:
+        path.write_text("".join(kept), encoding="utf-8")
 
 
 def train(cfg: Config, resume: str | Path | None = None) -> Path:

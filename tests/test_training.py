@@ -366,6 +366,34 @@ def test_a_run_with_pretrained_encoder_weights_and_a_feature_cache_resumes_on_it
     _assert_same_weights(straight / "last.pt", resumed / "last.pt")
 
 
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory) -> Path:
+    return train(_small(tmp_path_factory.mktemp("one_epoch") / "run"))
+
+
+def test_a_metrics_line_half_written_by_a_crash_is_dropped_on_resume(tmp_path, one_epoch_run, caplog):
+    run = shutil.copytree(one_epoch_run, tmp_path / "run")
+    cut = '{"epoch": 1, "step": 6, "train_lo'  # the crash came while epoch 2's line was written, before last.pt
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(cut)
+    train(_small(run, **{"train.epochs": 2}), resume=run / "last.pt")
+    assert [row["epoch"] for row in _metrics(run)] == [0, 1]
+    assert f"metrics.jsonl: dropped its last line, {len(cut)} characters that a crash cut short" in caplog.text
+
+
+@pytest.mark.parametrize("before, after, line", [(b'{"epoch": 0, "st\n', b"", 1), (b"", b'{"epoch": 1, "\xff"}\n', 2),
+                                                 (b"[1, 2]\n", b"", 1)], ids=["cut-short", "not-utf8", "not-a-record"])
+def test_a_damaged_metrics_line_other_than_a_cut_last_one_is_refused_naming_it(tmp_path, one_epoch_run, before, after,
+                                                                                line):
+    run = shutil.copytree(one_epoch_run, tmp_path / "run")
+    (run / "metrics.jsonl").write_bytes(before + (run / "metrics.jsonl").read_bytes() + after)
+    files = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(ValueError, match=f"{run / 'metrics.jsonl'}, line {line}: .*repair or delete the line"):
+        train(_small(run, **{"train.epochs": 2}), resume=run / "last.pt")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files
+
+
 _MID_EPOCH = {"data.num_train": 32, "train.epochs": 2, "train.save_every_steps": 2, "model.dropout": 0.3,
               "data.augment": True, "train.scheduled_sampling": 0.5, "train.lr": 3e-3}  # 4 steps per epoch
 
