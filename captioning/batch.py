@@ -7,12 +7,15 @@ they are never written to the results file, so it always parses and a later run 
 Formats: JSON Lines ({"path", "caption", "score"[, "nbest"]} per line), CSV (the same columns, nbest as JSON) and
 the COCO results format ([{"image_id", "caption"}]). A COCO array cannot be appended to, so its records go to a
 JSON Lines sidecar (<out stem>.progress.jsonl, the record of what is done) and the array is rewritten from it at the
-end of every run that finishes.
+end of every run that finishes. Beside every output, <out>.settings.json records the checkpoint and the decoding
+options that made its captions, so a run with others does not resume it; one run at a time writes an output (a lock).
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import io
 import json
 import logging
@@ -71,6 +74,9 @@ def expand_inputs(inputs: Iterable[str | Path], recursive: bool = True,
                 yield from _walk(Path(entry), recursive, on_error, skip) if os.path.isdir(entry) else (entry,)
         elif path.is_file():
             yield str(path)
+        elif _is_link_loop(path):
+            raise ValueError(f"input is a symbolic link loop: {path} (a link that leads back to itself); fix or "
+                             "remove the link")
         else:
             raise FileNotFoundError(f"input not found: {path} (pass image files, folders, or .txt files listing "
                                     "image paths one per line)")
@@ -92,7 +98,10 @@ def _read_list(list_file: Path) -> Iterator[str]:
     # utf-8-sig: a list saved by Windows Notepad starts with a byte-order mark. Bytes that are not UTF-8 (file names
     # from an old archive) pass through as they are, so the path opens the file the list names.
     with open(list_file, encoding="utf-8-sig", errors="surrogateescape") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
+            if "\0" in line:  # no path holds one; every line of a UTF-16 or UTF-32 text does
+                raise ValueError(f"{list_file}:{lineno}: holds NUL characters, so it is not UTF-8 text (UTF-16, as "
+                                 "some Windows editors save a list?); save it as UTF-8")
             entry = line.strip()
             if entry and not entry.startswith("#"):
                 yield str(list_file.parent / entry)  # an absolute entry stays absolute
@@ -111,10 +120,19 @@ def coco_image_id(path: str) -> int | str:
 def describe_failure(path: str | Path, error: Exception) -> str:
     """Why an image could not be used, without repeating its path."""
     if isinstance(error, FileNotFoundError):
-        return "file not found"
+        return "symbolic link loop" if _is_link_loop(path) else "file not found"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error).removeprefix(f"{Path(path)}: ")
+
+
+def _is_link_loop(path: str | Path) -> bool:
+    """Whether `path` leads through symbolic links back to itself, which os.path and pathlib report as missing."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -186,6 +204,9 @@ def _cut(path: Path, end: int) -> None:
     """Cut the file at byte `end`, where its last whole record ends (the rest is a record a killed run left half
     written), ending it with a newline if it lacks one, so appending starts on a fresh line."""
     with open(path, "rb+") as f:
+        if f.seek(0, os.SEEK_END) > end:
+            log.warning("%s: its last record, which a killed run left half written, is dropped (that image is "
+                        "captioned again)", path)
         f.truncate(end)
         if end:
             f.seek(end - 1)
@@ -194,24 +215,78 @@ def _cut(path: Path, end: int) -> None:
 
 
 class ResultWriter(ABC):
-    """Appends caption records to a results file, one flushable record per image, and knows which images the file
-    already holds (`done`: `image_key`s).
+    """Appends caption records to a results file (`path`, which is `out` but for COCO), one flushable record per
+    image, and knows which images the file already holds (`done`: `image_key`s).
 
     A file to resume must be one this program wrote: anything else is refused (never overwritten) unless `overwrite`.
+    `settings` (the checkpoint and the decoding options, in JSON types) are recorded beside `out` when it starts, and
+    a resume with other settings is refused. An exclusive lock on the file keeps a second run out while one writes.
     """
 
     errors = "strict"  # how the file encodes text that is not valid UTF-8
 
-    def __init__(self, path: str | Path, n_best: int = 1, overwrite: bool = False):
-        self.path, self.n_best = Path(path), n_best
+    def __init__(self, out: str | Path, n_best: int = 1, overwrite: bool = False, settings: dict | None = None):
+        self.out, self.n_best = Path(out), n_best
+        self.path = self.records_path(self.out)
+        self.settings_path = self.out.with_name(self.out.name + ".settings.json")
         self.done: set[str] = set()
-        if self.path.is_dir():
-            raise ValueError(f"--out {self.path} is a folder; name a results file, such as "
-                             f"{self.path / 'captions.jsonl'}")
-        if self.path.exists() and not overwrite:
-            self._check_paths(self._read_existing())
+        if self.out.is_dir():
+            raise ValueError(f"--out {self.out} is a folder; name a results file, such as "
+                             f"{self.out / 'captions.jsonl'}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "w" if overwrite else "a", encoding="utf-8", errors=self.errors, newline="")
+        # Opened to append, which changes nothing, so that the file is locked before it is read, cut or emptied.
+        self.file = open(self.path, "a", encoding="utf-8", errors=self.errors, newline="")
+        try:
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"{self.out} is being written by another caption.py run; let it finish (a rerun "
+                                 "then resumes it), or write to another file with --out") from None
+            except OSError as e:  # a file system without locks (some network mounts): work as before locks
+                log.warning("%s cannot be locked (%s), so nothing keeps a second run from writing it at once",
+                            self.path, e.strerror)
+            if overwrite or not os.path.getsize(self.path):  # an empty file has nothing to resume
+                self.file.seek(0)
+                self.file.truncate()
+                self._record(settings)
+            else:
+                self._resume(settings)
+                self.file.seek(0, os.SEEK_END)  # where the file ends now that a half-written record is cut
+        except BaseException:
+            self.file.close()
+            raise
+
+    @staticmethod
+    def records_path(out: Path) -> Path:
+        """The file the records are appended to."""
+        return out
+
+    def _record(self, settings: dict | None) -> None:
+        if settings is not None:
+            tmp = self.settings_path.with_name(self.settings_path.name + ".tmp")
+            tmp.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+            os.replace(tmp, self.settings_path)
+
+    def _resume(self, settings: dict | None) -> None:
+        """Refuse settings other than the recorded ones before anything is cut; read the file. A file from before
+        the settings were recorded is resumed as asked, and from now on held to this run's."""
+        try:
+            recorded = json.loads(self.settings_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            recorded = None
+        except ValueError:
+            raise ValueError(f"{self.settings_path} is damaged: delete it to resume {self.out} without checking that "
+                             "this run's checkpoint and options made it, or pass --overwrite to start afresh") from None
+        if settings is not None and recorded is not None:
+            changed = _changed_settings(recorded, settings)
+            if changed:
+                raise ValueError(f"{self.out} was made with {changed}: resume it with those, pass --overwrite to "
+                                 "start it afresh, or write to another file with --out")
+        self._check_paths(self._read_existing())
+        if settings is not None and recorded is None:
+            log.warning("%s has no record of the checkpoint and options that made it (an older caption.py wrote it), "
+                        "so it is resumed as asked, and held to this run's from now on", self.out)
+            self._record(settings)
 
     @abstractmethod
     def _read_existing(self) -> list[str]:
@@ -237,7 +312,7 @@ class ResultWriter(ABC):
         self.file.flush()
 
     def close(self, finished: bool = True) -> None:
-        """Close the file; `finished` says the run completed (it did not stop on an error)."""
+        """Close the file (and with it the lock); `finished` says the run completed (it did not stop on an error)."""
         self.file.close()
 
     def __enter__(self) -> ResultWriter:
@@ -262,7 +337,8 @@ class JsonlWriter(ResultWriter):
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError:
-                        if not raw.endswith(b"\n") and (line.startswith(RECORD_START) or RECORD_START.startswith(line)):
+                        tail = line.rstrip("\0")  # a machine that crashed can leave zero bytes where writes were lost
+                        if not raw.endswith(b"\n") and (tail.startswith(RECORD_START) or RECORD_START.startswith(tail)):
                             break  # the last record, cut off by a killed run
                         raise _resume_error(self.path, lineno, "is not JSON Lines") from None
                     if not isinstance(record, dict) or not isinstance(record.get("path"), str):
@@ -286,9 +362,9 @@ class CsvWriter(ResultWriter):
 
     errors = "surrogateescape"
 
-    def __init__(self, path: str | Path, n_best: int = 1, overwrite: bool = False):
+    def __init__(self, out: str | Path, n_best: int = 1, overwrite: bool = False, settings: dict | None = None):
         self.columns = ["path", "caption", "score"] + (["nbest"] if n_best > 1 else [])
-        super().__init__(path, n_best, overwrite)
+        super().__init__(out, n_best, overwrite, settings)
         self.csv = csv.writer(self.file)
         if self.file.tell() == 0:
             self.csv.writerow(self.columns)
@@ -329,20 +405,29 @@ class CocoWriter(JsonlWriter):
     rewritten from the sidecar (streamed, then atomically replaced) when a run finishes. A results file without its
     sidecar was not written here, and is refused rather than replaced."""
 
-    def __init__(self, path: str | Path, n_best: int = 1, overwrite: bool = False):
-        self.results = Path(path)
-        progress = self.results.with_name(self.results.stem + ".progress.jsonl")
-        if self.results.exists() and not progress.exists() and not overwrite:
-            raise ValueError(f"{self.results} exists and has no {progress.name} beside it, so it is not a results "
+    def __init__(self, out: str | Path, n_best: int = 1, overwrite: bool = False, settings: dict | None = None):
+        out = Path(out)
+        progress = self.records_path(out)
+        if out.exists() and not progress.exists() and not overwrite:
+            raise ValueError(f"{out} exists and has no {progress.name} beside it, so it is not a results "
                              "file of an earlier run to resume; pass --overwrite to replace it, or write to another "
                              "file with --out")
-        super().__init__(progress, n_best, overwrite)
+        super().__init__(out, n_best, overwrite, settings)
+
+    @staticmethod
+    def records_path(out: Path) -> Path:
+        return out.with_name(out.stem + ".progress.jsonl")
 
     def close(self, finished: bool = True) -> None:
-        super().close(finished)
-        if not finished:
-            return
-        tmp = self.results.with_name(self.results.name + ".tmp")
+        try:
+            if finished:  # under the lock, so that no other run appends meanwhile
+                self.file.flush()
+                self._write_results()
+        finally:
+            super().close(finished)
+
+    def _write_results(self) -> None:
+        tmp = self.out.with_name(self.out.name + ".tmp")
         files = {}  # image_id -> the files that gave it
         with open(tmp, "w", encoding="utf-8") as out:
             out.write("[")
@@ -354,8 +439,8 @@ class CocoWriter(JsonlWriter):
                         out.write(("\n" if not files else ",\n") + json_line(entry).rstrip("\n"))
                         files.setdefault(entry["image_id"], []).append(record["path"])
             out.write("\n]\n")
-        os.replace(tmp, self.results)
-        _warn_of_ids(files, self.results)
+        os.replace(tmp, self.out)
+        _warn_of_ids(files, self.out)
 
 
 def _warn_of_ids(files: dict[int | str, list[str]], results: Path) -> None:
@@ -371,12 +456,34 @@ def _warn_of_ids(files: dict[int | str, list[str]], results: Path) -> None:
                     "COCO's caption evaluation needs numbers", results, len(named), named[0])
 
 
-def open_writer(out: str | Path, fmt: str, n_best: int = 1, overwrite: bool = False) -> ResultWriter:
-    """A writer for `fmt` ('jsonl', 'csv' or 'coco'); without `overwrite` it resumes what `out` already holds."""
+def open_writer(out: str | Path, fmt: str, n_best: int = 1, overwrite: bool = False,
+                settings: dict | None = None) -> ResultWriter:
+    """A writer for `fmt` ('jsonl', 'csv' or 'coco'); without `overwrite` it resumes what `out` already holds, if
+    `settings` (see ResultWriter) are the ones that made it."""
     writers = {"jsonl": JsonlWriter, "csv": CsvWriter, "coco": CocoWriter}
     if fmt not in writers:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {list(writers)}")
-    return writers[fmt](out, n_best, overwrite)
+    return writers[fmt](out, n_best, overwrite, settings)
+
+
+def _changed_settings(recorded: dict, settings: dict) -> str:
+    """What differs between the recorded settings and this run's, as options: '--beam-size 3 (this run asks 5)'.
+    "checkpoint" (a path) only names the file; "weights" (a digest of them) says whether it is the same model. A
+    setting only one side has (one added to caption.py later) is not compared."""
+    changes = []
+    for key, value in settings.items():
+        old = recorded.get(key, value)
+        if key == "checkpoint" or old == value:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key == "weights":
+            changes.append(f"the checkpoint {recorded.get('checkpoint')} (this run's {settings.get('checkpoint')} "
+                           "holds other weights)")
+        elif isinstance(value, bool):
+            changes.append(f"{flag} (this run asks without it)" if old else f"no {flag} (this run asks {flag})")
+        else:
+            changes.append(f"{flag} {old} (this run asks {value})")
+    return ", ".join(changes)
 
 
 # ---------------------------------------------------------------------------------------------------- the run

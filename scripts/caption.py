@@ -5,9 +5,10 @@
     python scripts/caption.py --checkpoint best.pt val2014/ --out captions_val2014.json   # COCO results format
 
 Folders are searched recursively (--flat: top level only); a .txt file lists image files or folders, one per line,
-relative to the list file. Results are flushed after every batch, and a second run skips the images the output
-already holds (--overwrite starts afresh). Unreadable files are reported and skipped; the exit code is non-zero only
-with --strict. COCO output keeps its progress in <out stem>.progress.jsonl and writes the JSON array when a run ends.
+relative to the list file. Results are flushed after every batch, and a second run with the same checkpoint and
+decoding options skips the images the output already holds (--overwrite starts afresh). Unreadable files are
+reported and skipped; the exit code is non-zero only with --strict. COCO output keeps its progress in
+<out stem>.progress.jsonl and writes the JSON array when a run ends.
 """
 
 import argparse
@@ -18,6 +19,7 @@ from pathlib import Path
 from captioning.batch import FORMATS, IMAGE_SUFFIXES, caption_files, expand_inputs, format_for, open_writer
 from captioning.checkpoint import CheckpointError
 from captioning.config import at_least, os_error_line
+from captioning.data.features import weights_digest
 from captioning.data.sources import DEFAULT_MAX_PIXELS
 from captioning.decoding import check_beam_size
 from captioning.engine import Stopped
@@ -78,7 +80,11 @@ def main(args: argparse.Namespace) -> int:
         check_beam_size(args.beam_size, len(captioner.model.vocab))
         if args.attention_dir and not captioner.has_attention:
             raise ValueError(f"--attention-dir needs a model with attention; {args.checkpoint} has none")
-        writer = open_writer(out, fmt, args.n_best, args.overwrite)
+        # What makes the captions, so a resume with others is refused. The device is left out so that a run can
+        # move between machines, although a GPU's mixed precision may change a word as --bf16 does.
+        settings = {"checkpoint": args.checkpoint, "weights": weights_digest(captioner.model),
+                    "beam_size": args.beam_size, "max_len": args.max_len, "n_best": args.n_best, "bf16": args.bf16}
+        writer = open_writer(out, fmt, args.n_best, args.overwrite, settings)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a missing input, an output or list file that cannot be read or written

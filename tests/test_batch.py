@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -20,7 +21,7 @@ import torch
 from conftest import load_script
 from PIL import Image
 
-from captioning.batch import attention_file, coco_image_id, expand_inputs
+from captioning.batch import attention_file, coco_image_id, expand_inputs, open_writer
 from captioning.config import ConfigError
 from captioning.data import sources
 from captioning.engine import check_cpu_bf16
@@ -132,6 +133,77 @@ def test_resume_after_a_killed_run_and_overwrite(tree, trained_checkpoint, tmp_p
     assert len(read_jsonl(out)) == 2
 
 
+def test_a_resume_with_another_model_or_decoding_options_is_refused(tree, trained_checkpoint, tmp_path, capsys,
+                                                                   monkeypatch, caplog):
+    photos, out = str(tree["photos"] / "nested"), tmp_path / "captions.jsonl"
+    assert run(trained_checkpoint, photos, "--out", str(out)) == 0
+    first = out.read_text()
+    _bf16_units(monkeypatch, True)
+    for flags, changed in [(["--beam-size", "3"], "--beam-size 2 (this run asks 3)"),
+                           (["--n-best", "2"], "--n-best 1 (this run asks 2)"),
+                           (["--max-len", "5"], "--max-len 8 (this run asks 5)"),
+                           (["--bf16"], "no --bf16 (this run asks --bf16)")]:
+        with pytest.raises(SystemExit, match=rf"error: {out} was made with {re.escape(changed)}: resume it with "
+                                             "those, pass --overwrite"):
+            run(trained_checkpoint, photos, "--out", str(out), *flags)
+    retrained = torch.load(trained_checkpoint, weights_only=True)
+    name = next(iter(retrained["model"]))
+    retrained["model"][name] += 1
+    other = tmp_path / "other.pt"
+    torch.save(retrained, other)
+    with pytest.raises(SystemExit, match=re.escape(f"the checkpoint {trained_checkpoint} (this run's {other} holds "
+                                                   "other weights)")):
+        run(other, photos, "--out", str(out))
+    assert out.read_text() == first
+
+    copy = tmp_path / "copy.pt"  # the same model elsewhere, and options that change no caption, resume
+    shutil.copy(trained_checkpoint, copy)
+    capsys.readouterr()
+    assert run(copy, photos, "--out", str(out), "--batch-size", "1", "--max-pixels", "10000000") == 0
+    assert "captioned 0, skipped 2" in capsys.readouterr().out
+
+    (tmp_path / "captions.jsonl.settings.json").unlink()  # an output of a caption.py that recorded no settings
+    with caplog.at_level("WARNING", logger="captioning.batch"):
+        assert run(trained_checkpoint, photos, "--out", str(out), "--beam-size", "3") == 0
+    assert f"{out} has no record of the checkpoint and options that made it" in caplog.text
+    assert "captioned 0, skipped 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=re.escape("--beam-size 3 (this run asks 2)")):  # held to that run's now
+        run(trained_checkpoint, photos, "--out", str(out))
+
+
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_writes(tree, trained_checkpoint, tmp_path,
+                                                                            capsys):
+    for name, fmt in [("captions.jsonl", "jsonl"), ("results.json", "coco")]:
+        out = tmp_path / name
+        with open_writer(out, fmt) as first:
+            with pytest.raises(SystemExit, match=f"error: {out} is being written by another caption.py run; let it "
+                                                 "finish"):
+                run(trained_checkpoint, str(tree["photos"] / "nested"), "--out", str(out), "--overwrite")
+            assert first.path.exists() and first.path.stat().st_size == 0
+        assert run(trained_checkpoint, str(tree["photos"] / "nested"), "--out", str(out)) == 0
+        assert "captioned 2, skipped 0" in capsys.readouterr().out
+
+
+def test_coco_progress_resumes_after_a_crash_left_its_last_record_half_written(tree, trained_checkpoint, tmp_path,
+                                                                               capsys, caplog):
+    out, progress = tmp_path / "results.json", tmp_path / "results.progress.jsonl"
+    photos = str(tree["photos"] / "nested")
+    assert run(trained_checkpoint, photos, "--out", str(out)) == 0
+    lines = progress.read_bytes().splitlines(keepends=True)
+    out.unlink()
+    # A machine that crashed mid-write: the file grew, but the last write never reached the disk and reads as zeros.
+    progress.write_bytes(lines[0] + bytes(40))
+    with caplog.at_level("WARNING", logger="captioning.batch"):
+        assert run(trained_checkpoint, photos, "--out", str(out)) == 0
+    assert f"{progress}: its last record, which a killed run left half written, is dropped" in caplog.text
+    assert "captioned 1, skipped 1" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())) == 2
+
+    progress.write_bytes(lines[0][:30] + bytes(40) + b"\n" + lines[1])  # damage before the last record stays an error
+    with pytest.raises(SystemExit, match=f"{progress}:1: is not JSON Lines"):
+        run(trained_checkpoint, photos, "--out", str(out))
+
+
 def test_sigterm_stops_after_the_batch_at_hand_and_the_run_resumes(tree, trained_checkpoint, tmp_path, capsys,
                                                                    monkeypatch):
     caption_batch = ImageCaptioner.caption_batch
@@ -158,6 +230,27 @@ def test_inputs_without_an_image_are_an_error_before_the_model_loads(trained_che
     monkeypatch.setattr(ImageCaptioner, "from_checkpoint", None)  # never reached
     with pytest.raises(SystemExit, match=f"error: no image files in {tmp_path / 'empty'} "):
         run(trained_checkpoint, str(tmp_path / "empty"))
+
+
+def test_a_list_that_is_not_utf8_text_is_refused_before_the_model_loads(tree, trained_checkpoint, tmp_path,
+                                                                        monkeypatch):
+    listed = tmp_path / "list.txt"  # as `iconv -t UTF-16` or a Windows editor's "Unicode" writes it
+    listed.write_bytes(f"{tree['photos'] / 'a.jpg'}\n".encode("utf-16"))
+    monkeypatch.setattr(ImageCaptioner, "from_checkpoint", None)  # never reached
+    with pytest.raises(SystemExit, match=f"error: {listed}:1: holds NUL characters, so it is not UTF-8 text .*; save "
+                                         "it as UTF-8"):
+        run(trained_checkpoint, str(listed), "--out", str(tmp_path / "captions.jsonl"))
+    assert not (tmp_path / "captions.jsonl").exists()
+
+
+def test_a_symbolic_link_loop_is_reported_as_one(tree, trained_checkpoint, tmp_path, capsys):
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "back.jpg")
+    (tmp_path / "back.jpg").symlink_to(tmp_path / "loop.jpg")
+    with pytest.raises(SystemExit, match=f"error: input is a symbolic link loop: {tmp_path / 'loop.jpg'} "):
+        run(trained_checkpoint, str(tmp_path / "loop.jpg"))
+    (tmp_path / "list.txt").write_text(f"loop.jpg\n{tree['photos'] / 'a.jpg'}\n")
+    assert run(trained_checkpoint, str(tmp_path / "list.txt"), "--out", str(tmp_path / "c.jsonl")) == 0
+    assert f"failed: {tmp_path / 'loop.jpg'}: symbolic link loop" in capsys.readouterr().err
 
 
 def test_flat_leaves_out_nested_folders(tree, trained_checkpoint, tmp_path):
