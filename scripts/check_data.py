@@ -6,8 +6,9 @@
 Expects COCO in <data-root>/coco (annotations/captions_{train,val}<year>.json, {train,val}<year>/) and Flickr8k in
 <data-root>/flickr8k (Flickr8k.token.txt, Flickr_8k.{train,dev}Images.txt, and the images in Flicker8k_Dataset/, the
 official zip's spelling); other folder names are set with --coco-dir, --flickr8k-dir and --flickr8k-images. Prints per
-split the image and caption counts, captions per image, mean caption length in tokens and the images that fail to
-open; exits with status 1 if any split fails to load or any image fails to open.
+split the image and caption counts, the blank captions left out, captions per image, mean caption length in tokens and
+the images that fail to open; exits with status 1 if any split fails to load (one whose captions are all blank does)
+or any image fails to open.
 """
 
 import argparse
@@ -59,6 +60,8 @@ def check_source(name: str, build: Callable[[], CaptionSource], paths_hint: str,
     per_image = [len(s.captions) for s in source.samples]
     lengths = [len(tokenize(c)) for s in source.samples for c in s.captions]
     print(f"{name}: {len(source)} images, {sum(per_image)} captions")
+    if source.blank_captions:
+        print(f"  blank captions left out: {source.blank_captions}")
     if source.samples:
         print(f"  captions per image: {spread(per_image)}")
         print(f"  caption length in tokens: {spread(lengths)}")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
+import re
 import shutil
 import struct
 import warnings
@@ -12,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 
 from captioning.config import ConfigError, load_config
-from captioning.data.datasets import build_source
+from captioning.data.datasets import Preprocess, build_source
+from captioning.data.features import FeatureLoader, extract_features
 from captioning.data.sources import (
     BadImageError,
     CaptionSource,
@@ -446,3 +452,171 @@ def test_synthetic_write_images_and_errors(tmp_path):
         SyntheticShapes("dev", 4)
     with pytest.raises(ValueError, match="at least 32"):
         SyntheticShapes("train", 4, image_size=16)
+
+
+# ---------------------------------------------------------------- damaged annotation files
+
+
+def _latin1_byte_on_line_3(path: Path) -> None:
+    """Replace the first letter of path's third line by the Latin-1 'ö' (0xf6), as an editor saving Latin-1 would."""
+    data = path.read_bytes()
+    start = data.index(b"\n", data.index(b"\n") + 1) + 1
+    path.write_bytes(data[:start] + b"\xf6" + data[start + 1:])
+
+
+@pytest.mark.parametrize("dataset, name", [("flickr8k", "Flickr8k.token.txt"),
+                                           ("flickr8k", "Flickr_8k.trainImages.txt"),
+                                           ("coco", "captions_val2017.json"), ("karpathy", "dataset_coco.json")])
+def test_annotation_file_that_is_not_utf8_is_named_with_its_line(make_flickr8k, make_coco, make_karpathy, tmp_path,
+                                                                dataset, name):
+    if dataset == "flickr8k":
+        root = make_flickr8k(tmp_path)
+        path, load = root / name, lambda: flickr8k_source(root, "train")
+    elif dataset == "coco":
+        root = make_coco(tmp_path)
+        path, load = root / "annotations" / name, lambda: coco_source(root, "val")
+    else:
+        path, image_root = make_karpathy(tmp_path, "coco")
+        load = lambda: karpathy_source(path, image_root, "train")  # noqa: E731
+    if path.suffix == ".json":  # indented, so that it has lines
+        path.write_text(json.dumps(json.loads(path.read_text()), indent=1))
+    _latin1_byte_on_line_3(path)
+    with pytest.raises(ValueError) as info:
+        load()
+    assert str(info.value) == f"{path}:3: not UTF-8 text (byte 0xf6); save the file as UTF-8"
+
+
+def _edited_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["annotations"][1].pop("caption"), r"annotations\[1\] \(id 1\) has no 'caption' \(str expected\)"),
+    (lambda d: d["annotations"][2].update(caption=None), r"annotations\[2\] \(id 2\) has None as 'caption'"),
+    (lambda d: d["annotations"][2].update(caption=7), r"annotations\[2\] \(id 2\) has 7 as 'caption'"),
+    (lambda d: d["images"][1].pop("file_name"), r"images\[1\] \(id \d+\) has no 'file_name' \(str expected\)"),
+], ids=["no caption", "null caption", "number caption", "no file_name"])
+def test_coco_entry_without_a_key_or_of_the_wrong_type_is_named(make_coco, tmp_path, edit, message):
+    root = make_coco(tmp_path, n_images=3)
+    path = root / "annotations" / "captions_val2017.json"
+    _edited_json(path, edit)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {message}.*; the file is damaged"):
+        coco_source(root, "val")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["images"][1]["sentences"][2].pop("raw"), r"images\[1\]\.sentences\[2\] \(imgid 1\) has no 'raw'"),
+    (lambda d: d["images"][1].pop("split"), r"images\[1\] \(imgid 1\) has no 'split'"),
+    (lambda d: d["images"][1].pop("filename"), r"images\[1\] \(imgid 1\) has no 'filename'"),
+    (lambda d: d["images"][1].pop("sentences"), r"images\[1\] \(imgid 1\) has no 'sentences' \(list expected\)"),
+    (lambda d: d["images"][1].pop("imgid"), r"images\[1\] has no 'imgid' \(int expected\)"),
+    (lambda d: d["images"][1].update(filename=None), r"images\[1\] \(imgid 1\) has None as 'filename'"),
+    (lambda d: d.update(images={"0": d["images"][0]}), r"'images' must be a list, got dict"),
+], ids=["no raw", "no split", "no filename", "no sentences", "no imgid", "null filename", "images an object"])
+def test_karpathy_entry_without_a_key_or_of_the_wrong_type_is_named(make_karpathy, tmp_path, edit, message):
+    path, image_root = make_karpathy(tmp_path, "flickr8k")
+    _edited_json(path, edit)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {message}"):
+        karpathy_source(path, image_root, "train")
+
+
+def test_blank_captions_are_left_out_and_counted(make_flickr8k, make_coco, tmp_path, caplog):
+    root = make_flickr8k(tmp_path)
+    names = (root / "Flickr_8k.trainImages.txt").read_text().split()
+    token = root / "Flickr8k.token.txt"
+    lines = token.read_text().split("\n")
+    blank = {f"{names[0]}#1", f"{names[0]}#3", *(f"{names[1]}#{k}" for k in range(5))}  # names[1]: blank only
+    token.write_text("\n".join(f"{line.split(chr(9))[0]}\t" + " " * (n % 2) if line.split("\t")[0] in blank else line
+                               for n, line in enumerate(lines)))
+    source = flickr8k_source(root, "train")
+    assert source.blank_captions == 7
+    assert [s.image_id for s in source.samples] == [names[0], *names[2:]]  # an image of blank captions only is out
+    assert len(source.samples[0].captions) == 3 and all(c.strip() for s in source.samples for c in s.captions)
+    assert flickr8k_source(root, "val").blank_captions == 0
+
+    caplog.set_level(logging.WARNING, logger="captioning")
+    build_source(load_config(None, ["data.dataset=flickr8k", f"data.root={root}"]).data, "train")
+    assert "the train split's annotations hold 7 blank captions; they are left out" in caplog.text
+
+    coco_root = make_coco(tmp_path, n_images=2)
+    path = coco_root / "annotations" / "captions_val2017.json"
+    _edited_json(path, lambda d: [a.update(caption=" \t") for a in d["annotations"]])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: all 11 captions of the val split are blank"):
+        coco_source(coco_root, "val")
+
+
+def test_check_data_reports_blank_captions_and_fails_a_split_of_blank_captions_only(make_flickr8k, tmp_path, capsys):
+    check_data = load_script("scripts/check_data.py")
+    root = make_flickr8k(tmp_path)
+    token = root / "Flickr8k.token.txt"
+    lines = token.read_text().split("\n")
+    token.write_text("\n".join([lines[0].split("\t")[0] + "\t", *lines[1:]]))
+    args = check_data.get_args_parser().parse_args(["--data-root", str(tmp_path), "--datasets", "flickr8k"])
+    assert check_data.main(args) == 0
+    assert "flickr8k/train: 4 images, 19 captions\n  blank captions left out: 1\n" in capsys.readouterr().out
+
+    token.write_text("\n".join(line.split("\t")[0] + "\t " if line else line for line in lines))
+    assert check_data.main(args) == 1
+    out = capsys.readouterr().out
+    assert f"flickr8k/train: FAILED to load: {token}: all 20 captions of the train split are blank" in out
+    assert out.strip().endswith("-> PROBLEMS")
+
+
+# ---------------------------------------------------------------- damaged feature cache
+
+
+def _written_cache(tmp_path: Path, rows: int = 4) -> tuple[Path, dict]:
+    """A feature cache of the train split as extract_features leaves it: <split>.npy (rows, N, C) and its record."""
+    folder = tmp_path / "features"
+    folder.mkdir()
+    record = {"encoder": "tiny", "dtype": "float32", "num_images": rows}
+    np.save(folder / "train.npy", np.ones((rows, 9, 8), np.float32))
+    (folder / "train.json").write_text(json.dumps({**record, "unreadable": []}))
+    return folder, record
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda p: p.write_bytes(p.read_bytes()[:500]), "mmap length is greater than file size"),
+    (lambda p: p.write_bytes(b""), "an empty file"),
+    (lambda p: p.write_bytes(np.random.default_rng(0).bytes(600)), "not a .npy array"),
+    (lambda p: np.save(p, np.ones((2, 9, 8), np.float32)), "2 rows for the 4 images of its record"),  # cp val.npy
+    (lambda p: np.save(p, np.ones((4, 72), np.float32)), r"rows of shape \(72,\) and dtype float32, not \(N, C\)"),
+    (lambda p: np.save(p, np.ones((4, 9, 8), np.float16)), "rows of shape .* and dtype float16, not .* of float32"),
+], ids=["truncated", "empty", "random bytes", "another split", "rows of another shape", "another dtype"])
+def test_a_damaged_feature_array_is_refused_at_open_naming_it(tmp_path, damage, problem):
+    folder, record = _written_cache(tmp_path)
+    assert FeatureLoader(folder, "train", record)(3).shape == (9, 8)
+    damage(folder / "train.npy")
+    with pytest.raises(ConfigError, match=rf"^feature cache {re.escape(str(folder / 'train.npy'))} is damaged "
+                                          rf"\({problem}.*\); delete the folder {re.escape(str(folder))} \(it is "
+                                          "rebuilt\\)"):
+        FeatureLoader(folder, "train", record)
+
+
+class _TinyEncoder(torch.nn.Module):
+    """images (B, 3, 32, 32) -> grid (B, 4, 3), pooled (B, 3): enough for extract_features."""
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = images[:, :, ::16, ::16].flatten(2).transpose(1, 2)  # (B, 4, 3)
+        return grid, grid.mean(1)
+
+
+def test_a_full_disk_while_caching_features_is_one_error_naming_the_folder(tmp_path, monkeypatch):
+    source = SyntheticShapes("train", 6, image_size=32)
+    preprocess = Preprocess(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    record = {"dtype": "float32", "num_images": 6}
+    folder = tmp_path / "features"
+    cached = extract_features(_TinyEncoder(), source, preprocess, folder, "train", record, torch.device("cpu"), 4, 0)
+    assert FeatureLoader(folder, "train", record)(5).shape == (4, 3) and cached.is_file()
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ValueError, match=rf"^no space left for the val split's feature cache in "
+                                         rf"{re.escape(str(folder))} \(No space left on device\); free space there or "
+                                         "set data.feature_cache to a folder on another disk"):
+        extract_features(_TinyEncoder(), source, preprocess, folder, "val", record, torch.device("cpu"), 4, 0)
+    assert sorted(p.name for p in folder.iterdir()) == ["train.json", "train.npy"]  # no .val.npy.tmp left

@@ -54,6 +54,9 @@ def build_source(cfg: DataConfig, split: str) -> CaptionSource:
     if not len(source):
         raise ValueError(f"the {split} split of data.dataset '{cfg.dataset}' has no images with captions; check "
                          "data.root and its annotation files (scripts/check_data.py lists what it finds)")
+    if source.blank_captions:
+        log.warning("the %s split's annotations hold %d blank captions; they are left out", split,
+                    source.blank_captions)
     return source
 
 

@@ -10,6 +10,7 @@ removes its temporary files.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -48,13 +49,22 @@ def cache_record(cfg: Config, encoder: Encoder, preprocess: Preprocess, source: 
             "dtype": cfg.data.feature_dtype, "num_images": len(ids), "first_ids": ids[:3], "last_ids": ids[-3:]}
 
 
+def _reserve(path: Path) -> None:
+    """Allocate the disk blocks of a file written through a memory map: the map itself reserves none, so a full disk
+    would end the process with SIGBUS at some row; here it is an OSError (ENOSPC) before the first row."""
+    if hasattr(os, "posix_fallocate"):  # Linux; elsewhere a full disk is found by the writes
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+
+
 @torch.no_grad()
 def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess: Preprocess, folder: str | Path,
                      split: str, record: dict[str, Any], device: torch.device, batch_size: int | None = None,
                      num_workers: int = 2) -> Path:
     """Encode every image of the split into folder/<split>.npy (+ .json). Row i always belongs to image i; an
     unreadable image (the loader warns) gets zeros, and its index is listed in the record so that training skips it.
-    SIGTERM or Ctrl-C stops after the batch at hand with Stopped, leaving no file of the split behind.
+    SIGTERM or Ctrl-C stops after the batch at hand with Stopped, leaving no file of the split behind; so does a full
+    disk, with a ValueError naming the folder (the array's space is reserved before the first row is written).
 
     batch_size None: 64 images per forward on a GPU, 8 on a CPU, where larger batches push the activations out of
     the caches (MobileNetV2 at 320 px in channels_last on 2 cores: 25 ms per image at 8, 43 ms at 32, loading
@@ -79,6 +89,7 @@ def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess:
                     if array is None:
                         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
                                                           shape=(len(dataset), *grid.shape[1:]))
+                        _reserve(tmp)
                         array[:] = 0
                     array[batch["index"].numpy()] = grid.float().cpu().numpy().astype(dtype)
                     read[batch["index"].numpy()] = True
@@ -92,10 +103,38 @@ def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess:
         meta_tmp.write_text(json.dumps({**record, "unreadable": np.flatnonzero(~read).tolist()}, indent=1))
         os.replace(tmp, folder / f"{split}.npy")
         os.replace(meta_tmp, folder / f"{split}.json")  # the record last: it marks the cache complete
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ValueError(f"no space left for the {split} split's feature cache in {folder} ({e.strerror}); free "
+                         "space there or set data.feature_cache to a folder on another disk") from None
     finally:
         tmp.unlink(missing_ok=True)
         meta_tmp.unlink(missing_ok=True)
     return folder / f"{split}.npy"
+
+
+def _open_features(path: Path, record: dict[str, Any]) -> np.ndarray:
+    """Memory-map a cached array, checked against its record: one (N, C) row of the record's dtype per image. A file cut
+    short, overwritten or copied from another split is refused here, not in the middle of an epoch."""
+    array, problem = None, None
+    with open(path, "rb") as f:
+        magic = f.read(len(np.lib.format.MAGIC_PREFIX))
+    if magic != np.lib.format.MAGIC_PREFIX:  # numpy would try it as a pickle and advise allow_pickle
+        problem = "an empty file" if not magic else "not a .npy array"
+    else:
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, EOFError) as e:  # cut short: "mmap length is greater than file size", a broken header
+            problem = str(e) or type(e).__name__
+    if array is not None and (array.ndim != 3 or array.dtype != np.dtype(record["dtype"])):
+        problem = f"rows of shape {array.shape[1:]} and dtype {array.dtype}, not (N, C) of {record['dtype']}"
+    elif array is not None and len(array) != record["num_images"]:
+        problem = f"{len(array)} rows for the {record['num_images']} images of its record"
+    if problem:
+        raise ConfigError(f"feature cache {path} is damaged ({problem}); delete the folder {path.parent} (it is "
+                          "rebuilt) or point data.feature_cache elsewhere to re-extract")
+    return array
 
 
 class FeatureLoader:
@@ -117,7 +156,7 @@ class FeatureLoader:
             diff = {k: (stored.get(k), v) for k, v in record.items() if stored.get(k) != v}
             raise ConfigError(f"feature cache {array_path} was made with other settings (cached, wanted): {diff}; "
                               "delete the folder or point data.feature_cache elsewhere to re-extract")
-        self.array, self.meta_path = np.load(array_path, mmap_mode="r"), meta_path
+        self.array, self.meta_path = _open_features(array_path, stored), meta_path
 
     def __len__(self) -> int:
         return len(self.array)

@@ -132,10 +132,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 class CaptionSource:
-    """A list of Samples plus how to load sample i's image."""
+    """A list of Samples plus how to load sample i's image; blank_captions counts the empty or whitespace-only
+    captions left out when the annotation files were read."""
 
-    def __init__(self, samples: list[Sample]):
-        self.samples = samples
+    def __init__(self, samples: list[Sample], blank_captions: int = 0):
+        self.samples, self.blank_captions = samples, blank_captions
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -156,6 +157,59 @@ def _require_file(path: Path, what: str, fix: str) -> None:
 def _require_dir(path: Path, what: str, fix: str) -> None:
     if not path.is_dir():
         raise FileNotFoundError(f"{what} not found: {path} is not a folder. {fix}")
+
+
+def _not_utf8(path: Path) -> ValueError:
+    """The error for a text file that does not decode as UTF-8, naming the file and the line of the first bad byte."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8")
+    return ValueError(f"{path}: not UTF-8 text; save the file as UTF-8")
+
+
+def _read_text(path: Path) -> str:
+    """A text file as UTF-8 (a byte-order mark is dropped); anything else is a ValueError naming the file and line."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _check_entries(path: Path, entries: object, where: str, keys: dict[str, type], optional: tuple[str, ...] = ()
+                   ) -> None:
+    """Each of `entries` (the file's list at `where`) must be an object holding `keys` with values of their types
+    (`optional` ones only where present); a ValueError names the file, the entry (index, and id) and the key."""
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: '{where}' must be a list, got {type(entries).__name__}; the file is damaged or not "
+                         "in this dataset's format")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: {where}[{i}] must be an object, got {entry!r}; the file is damaged or not in "
+                             "this dataset's format")
+        for key, kind in keys.items():
+            value = entry.get(key)
+            if (key in entry or key not in optional) and (not isinstance(value, kind) or isinstance(value, bool)):
+                entry_id = next((f" ({k} {entry[k]!r})" for k in ("id", "imgid") if k in entry), "")
+                problem = "has no" if key not in entry else f"has {value!r} as"
+                raise ValueError(f"{path}: {where}[{i}]{entry_id} {problem} '{key}' ({kind.__name__} expected); the "
+                                 "file is damaged or not in this dataset's format")
+
+
+def _without_blank(samples: list[Sample], path: Path, split: str) -> CaptionSource:
+    """Leave out blank captions (counted), then the images left without one; a split of blank captions only is an
+    error naming the file."""
+    kept, blank = [], 0
+    for s in samples:
+        captions = [c for c in s.captions if c.strip()]
+        blank += len(s.captions) - len(captions)
+        if captions:
+            kept.append(Sample(s.image_id, s.path, captions))
+    if blank and not kept:
+        raise ValueError(f"{path}: all {blank} captions of the {split} split are blank; fix or replace the file")
+    return CaptionSource(kept, blank)
 
 
 def coco_source(root: str | Path, split: str, year: int = 2017, image_dir: str | Path | None = None) -> CaptionSource:
@@ -187,9 +241,13 @@ def coco_source(root: str | Path, split: str, year: int = 2017, image_dir: str |
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
             coco = COCO(str(ann_path))
+    except UnicodeDecodeError:
+        raise _not_utf8(ann_path) from None
     except (ValueError, AssertionError, KeyError, TypeError) as e:  # not JSON, or not COCO's layout
         raise ValueError(f"{ann_path}: not a COCO caption annotation file ({type(e).__name__}: {e}); download "
                          f"annotations_trainval{year}.zip again") from None
+    _check_entries(ann_path, coco.dataset.get("images", []), "images", {"file_name": str})
+    _check_entries(ann_path, coco.dataset.get("annotations", []), "annotations", {"caption": str})
     samples = [
         Sample(
             image_id=img_id,
@@ -199,7 +257,7 @@ def coco_source(root: str | Path, split: str, year: int = 2017, image_dir: str |
         for img_id in sorted(coco.imgs)
         if coco.imgToAnns[img_id]
     ]
-    return CaptionSource(samples)
+    return _without_blank(samples, ann_path, split)
 
 
 def karpathy_source(
@@ -221,13 +279,18 @@ def karpathy_source(
         "Pass image_root=<the folder holding train2014/ and val2014/ for COCO, or the Flickr image folder> "
         "(in a config: data.image_dir).",
     )
+    text = _read_text(json_path)
     try:
-        with open(json_path, encoding="utf-8") as f:
-            data = json.load(f)
-    except ValueError as e:  # not JSON, or not UTF-8
+        data = json.loads(text)
+    except ValueError as e:  # not JSON
         raise ValueError(f"{json_path}: not a Karpathy split file ({e}); download {KARPATHY_URL} again") from None
     if not isinstance(data, dict) or "images" not in data:
         raise ValueError(f"{json_path}: not a Karpathy split file (expected a JSON object with an 'images' list)")
+    images = data["images"]
+    _check_entries(json_path, images, "images", {"imgid": int, "cocoid": int, "split": str, "filepath": str,
+                                                 "filename": str, "sentences": list}, optional=("cocoid", "filepath"))
+    for i, img in enumerate(images):
+        _check_entries(json_path, img["sentences"], f"images[{i}].sentences", {"raw": str})
     wanted = {split, "restval"} if split == "train" and use_restval else {split}
     samples = [
         Sample(
@@ -235,7 +298,7 @@ def karpathy_source(
             path=str(image_root / img.get("filepath", "") / img["filename"]),
             captions=[sentence["raw"] for sentence in img["sentences"]],
         )
-        for img in data["images"]
+        for img in images
         if img["split"] in wanted
     ]
     for folder in sorted({Path(s.path).parent for s in samples}):  # a few folders at most (train2014, val2014)
@@ -263,24 +326,23 @@ def flickr8k_source(root: str | Path, split: str, image_dir: str | Path | None =
     _require_dir(image_dir, "Flickr8k images", "Pass image_dir=<the folder unzipped from Flickr8k_Dataset.zip> "
                                                      "(in a config: data.image_dir).")
 
-    names = [line.strip() for line in split_path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    names = [line.strip() for line in _read_text(split_path).splitlines() if line.strip()]
     captions: dict[str, list[str]] = defaultdict(list)
     wanted = set(names)
-    with open(token_path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not a name
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            key, sep, caption = line.partition("\t")
-            if not sep or "#" not in key:
-                raise ValueError(f"{token_path}:{lineno}: expected '<image>#<n><TAB><caption>', got {line!r}")
-            name = key.rsplit("#", 1)[0]
-            if name in wanted:
-                captions[name].append(caption)
+    for lineno, line in enumerate(_read_text(token_path).split("\n"), 1):  # line ends are "\n" once read
+        if not line:
+            continue
+        key, sep, caption = line.partition("\t")
+        if not sep or "#" not in key:
+            raise ValueError(f"{token_path}:{lineno}: expected '<image>#<n><TAB><caption>', got {line!r}")
+        name = key.rsplit("#", 1)[0]
+        if name in wanted:
+            captions[name].append(caption)
     missing = [name for name in names if name not in captions]
     if missing:
         raise ValueError(
             f"{len(missing)} images of {split_path.name} have no captions in {token_path.name} "
             f"(first: {missing[:3]}); the two files do not belong together"
         )
-    return CaptionSource([Sample(image_id=name, path=str(image_dir / name), captions=captions[name]) for name in names])
+    samples = [Sample(image_id=name, path=str(image_dir / name), captions=captions[name]) for name in names]
+    return _without_blank(samples, token_path, split)
