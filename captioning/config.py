@@ -178,6 +178,20 @@ def _looks_numeric(s: str) -> bool:
     return True
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in seen:
+                    raise ConfigError(f"line {key.start_mark.line + 1}: key '{key.value}' is written twice (only the "
+                                      "last would count); merge the two into one")
+                seen.add(key.value)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> Config:
     """Defaults (or `base`, e.g. a checkpoint's saved config) <- YAML file <- command-line overrides."""
@@ -186,14 +200,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _merge(cfg, _without_retired(base), "")
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; name a YAML file (the shipped ones are in configs/)")
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; the shipped ones are in configs/")
         try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
+            text = path.read_bytes().decode("utf-8-sig")
+            if "\0" in text:
+                raise UnicodeError
+        except UnicodeError:  # a checkpoint, an image...
+            raise ConfigError(f"config file {path} is not a YAML text file (for a checkpoint use train.py --resume)"
+                              ) from None
+        try:
+            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not a plain YAML mapping ({' '.join(str(e).split())}); "
                               "fix the syntax (python tags are never loaded)") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config file must be a mapping with data/model/train sections")
         try:

@@ -7,7 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from PIL import Image
 
 from captioning.config import Config, ConfigError, load_config, parse_overrides, save_config
 from captioning.vocab import END_ID, PAD_ID, SPECIALS, START_ID, UNK_ID, Vocabulary, tokenize
@@ -255,3 +257,27 @@ def test_vocabulary_must_start_with_specials_and_have_no_duplicates():
 ])
 def test_tokenize_basics(text, tokens):
     assert tokenize(text) == tokens
+
+
+def test_a_config_path_that_is_a_checkpoint_an_image_or_a_folder_is_named(tmp_path):
+    checkpoint = tmp_path / "last.pt"
+    torch.save({"config": {}, "model": {"w": torch.zeros(3)}}, checkpoint)
+    image = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(image)
+    for path in (checkpoint, image):
+        with pytest.raises(ConfigError, match=rf"^config file {re.escape(str(path))} is not a YAML text file "
+                                              r"\(for a checkpoint use train\.py --resume\)$"):
+            load_config(path)
+    with pytest.raises(ConfigError, match=rf"^config file {re.escape(str(tmp_path))} is a folder; name a YAML file"):
+        load_config(tmp_path)
+
+
+def test_a_key_written_twice_in_a_config_file_is_refused_naming_it(tmp_path):
+    path = _yaml(tmp_path, "train:\n  epochs: 3\nmodel:\n  cell: gru\ntrain:\n  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: line 5: key 'train' is written twice"):
+        load_config(path)
+    nested = _yaml(tmp_path, "train:\n  lr: 1.0e-3\n  epochs: 3\n  lr: 2.0e-3\n", "nested.yaml")
+    with pytest.raises(ConfigError, match=r"nested\.yaml: line 4: key 'lr' is written twice"):
+        load_config(nested)
+    merged = _yaml(tmp_path, "train:\n  <<: {epochs: 3, lr: 1.0e-3}\n  epochs: 4\n", "merged.yaml")
+    assert load_config(merged).train.epochs == 4  # a key overriding a YAML merge (<<) is no repetition
