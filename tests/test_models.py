@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import urllib.error
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -414,3 +417,25 @@ def test_word_vectors_with_the_wrong_dimension_name_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"vectors\.txt:2: vector has 3 values but model\.embed_dim is 4"):
         load_word_vectors(decoder.embed, path, VOCAB)
 
+
+
+@pytest.mark.parametrize("keep", [1000, 5000, -100], ids=["header only", "cut at 5000 bytes", "end cut off"])
+def test_a_truncated_encoder_weights_file_is_named(tmp_path, keep):
+    path, _ = _resnet18_trunk_file(tmp_path)
+    path.write_bytes(path.read_bytes()[:keep])
+    with pytest.raises(ConfigError, match=rf"^model\.encoder_weights {re.escape(str(path))} is damaged or cut short "
+                                          r"\(.+\); download or copy it again$"):
+        Encoder("resnet18", str(path))
+
+
+def test_a_damaged_download_in_torchs_cache_is_named_with_the_fix(tmp_path, monkeypatch):
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # torch.hub.get_dir(), as set_dir sets it
+    cached = tmp_path / "hub" / "checkpoints" / Path(urlparse(weights.url).path).name  # where torch.hub keeps it
+    cached.parent.mkdir(parents=True)
+    path, _ = _resnet18_trunk_file(tmp_path)
+    cached.write_bytes(path.read_bytes()[:-100])  # a download cut short; found in the cache, so not fetched again
+    with pytest.raises(ConfigError, match=rf"^model\.encoder_weights 'DEFAULT': the downloaded weights file "
+                                          rf"{re.escape(str(cached))} is damaged \(PytorchStreamReader failed reading "
+                                          r"zip archive.*\); delete it and it is downloaded again$"):
+        Encoder("resnet18", "DEFAULT")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +71,14 @@ class Encoder(nn.Module):
         resolved = resolve_weights(name, weights)
         try:
             model = torchvision.models.get_model(name, weights=None if isinstance(resolved, Path) else resolved)
-        except OSError as e:  # the download of the weights failed (no network, no space, ...)
+        except _LOAD_ERRORS as e:
+            if not isinstance(resolved, torchvision.models.WeightsEnum):
+                raise
+            # torch.hub keeps a finished download as <hub dir>/checkpoints/<the URL's file name>
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(resolved.url).path).name
+            if cached.is_file():  # downloaded, but damaged since (or cut short by a full disk)
+                raise ConfigError(f"model.encoder_weights '{weights}': the downloaded weights file {cached} is "
+                                  f"damaged ({_load_error(e)}); delete it and it is downloaded again") from None
             raise ConfigError(f"model.encoder_weights '{weights}': could not get {resolved.url} ({e}); on a machine "
                               "without internet, download the file elsewhere and set model.encoder_weights to its "
                               "path, or use null for random weights") from None
@@ -152,8 +161,25 @@ def pool(grid: torch.Tensor) -> torch.Tensor:
     return grid.mean(dim=1)
 
 
+# What torch.load raises for a file cut short or not written by torch.save (an OSError without a file name among them)
+_LOAD_ERRORS = (OSError, RuntimeError, EOFError, pickle.UnpicklingError)
+
+
+def _load_error(e: Exception) -> str:
+    """A short reason for a torch.load failure; torch's own messages run on with advice that does not apply here."""
+    if isinstance(e, pickle.UnpicklingError):  # its message suggests weights_only=False: never for a damaged file
+        return "not a file written by torch.save"
+    return str(e).split(". ")[0] or type(e).__name__
+
+
 def _load_trunk_state(model: nn.Module, path: Path) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except _LOAD_ERRORS as e:
+        if isinstance(e, OSError) and e.filename:  # unreadable (permissions...): reported with its file name
+            raise
+        raise ConfigError(f"model.encoder_weights {path} is damaged or cut short ({_load_error(e)}); download or copy "
+                          "it again") from None
     if not isinstance(state, dict):
         raise ConfigError(f"model.encoder_weights {path} does not hold a state_dict (a dict of tensors)")
     missing, unexpected = model.load_state_dict(state, strict=False)
