@@ -104,6 +104,9 @@ def main(args: argparse.Namespace) -> int:
                  f"{writer.path}")
     summary.failed += len(unreadable)
     print(f"{summary} -> {out}")
+    if args.attention_dir and summary.skipped:
+        print(f"note: attention maps are drawn as images are captioned; the {summary.skipped} captioned by an earlier "
+              f"run into {out} got none now (pass --overwrite to caption them again with maps)")
     return 1 if args.strict and summary.failed else 0
 
 

@@ -316,11 +316,12 @@ def test_attention_maps_and_nbest_in_jsonl(tree, trained_checkpoint, tmp_path):
     assert Image.open(figures[0]).width > 160  # the photo and at least one word panel
 
 
-def test_attention_maps_written_inside_the_input_folder_are_not_inputs(tree, trained_checkpoint, tmp_path):
+def test_attention_maps_written_inside_the_input_folder_are_not_inputs(tree, trained_checkpoint, tmp_path, capsys):
     photos, out = tmp_path / "photos", tmp_path / "captions.jsonl"
     shutil.copytree(tree["photos"] / "nested", photos)
     for _ in range(2):  # the second run finds the first one's maps in the folder it captions
         assert run(trained_checkpoint, str(photos), "--out", str(out), "--attention-dir", str(photos / "maps")) == 0
+    assert "the 2 captioned by an earlier run" in capsys.readouterr().out  # the second run drew no map
     assert sorted(Path(r["path"]).name for r in read_jsonl(out)) == ["g.jpg", "h.png"]
     assert sorted(p.name for p in (photos / "maps").rglob("*.png")) == ["g.jpg.png", "h.png.png"]
     for maps in (photos, tmp_path):  # the input folder itself, or a folder that holds it
