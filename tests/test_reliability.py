@@ -746,6 +746,8 @@ CONFIG_MISTAKES = {  # name -> (the mistake, the exception, words of the fix tha
                     "its vocabulary is damaged"),
     "vocab-not-a-table": (_edited_checkpoint(lambda state: state.update(vocab="itos")), CheckpointError,
                           "its vocabulary is damaged"),
+    "weights-not-finite": (_edited_checkpoint(lambda state: state["model"]["decoder.out.bias"].fill_(float("nan"))),
+                           CheckpointError, "use an earlier checkpoint"),
     "config-not-a-table": (_edited_checkpoint(lambda state: state.update(config="model")), CheckpointError,
                            "its config is not a table of settings"),
 }
