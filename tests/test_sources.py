@@ -139,7 +139,7 @@ def test_karpathy_errors(make_karpathy, tmp_path):
     json_path, image_root = make_karpathy(tmp_path, "coco")
     with pytest.raises(FileNotFoundError, match=r"nothing\.json.*caption_datasets\.zip"):
         karpathy_source(tmp_path / "nothing.json", image_root, "train")
-    with pytest.raises(FileNotFoundError, match="image_root="):
+    with pytest.raises(FileNotFoundError, match=r"not found: .* Set data\.image_dir \(--set data\.image_dir="):
         karpathy_source(json_path, tmp_path / "no_images", "train")
     with pytest.raises(ValueError, match="'train', 'val' or 'test'"):
         karpathy_source(json_path, image_root, "restval")
@@ -204,7 +204,8 @@ def test_flickr8k_image_dir_and_errors(make_flickr8k, tmp_path):
     with pytest.raises(ValueError, match="one of"):
         flickr8k_source(root, "dev")
     (root / "Flickr_8k.testImages.txt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"Flickr_8k\.testImages\.txt.*root="):
+    with pytest.raises(FileNotFoundError, match=r"Flickr_8k\.testImages\.txt. It comes in Flickr8k_text\.zip with "
+                                                r"Flickr8k\.token\.txt; unzip the whole archive into"):
         flickr8k_source(root, "test", image_dir=root / "images")
 
     with open(root / "Flickr_8k.devImages.txt", "a") as f:
@@ -216,7 +217,7 @@ def test_flickr8k_image_dir_and_errors(make_flickr8k, tmp_path):
     with pytest.raises(ValueError, match=r"Flickr8k\.token\.txt:\d+: expected"):
         flickr8k_source(root, "train", image_dir=root / "images")
     token.unlink()
-    with pytest.raises(FileNotFoundError, match=r"Flickr8k\.token\.txt.*root="):
+    with pytest.raises(FileNotFoundError, match=r"Flickr8k\.token\.txt. Set data\.root \(--set data\.root=DIR\)"):
         flickr8k_source(root, "train", image_dir=root / "images")
 
 

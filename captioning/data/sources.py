@@ -236,7 +236,7 @@ def coco_source(root: str | Path, split: str, year: int = 2017, image_dir: str |
         image_dir,
         "COCO images",
         f"Download http://images.cocodataset.org/zips/{split}{year}.zip and unzip it into {root}, "
-        f"or pass image_dir=<the folder holding the {split}{year} JPEGs> (in a config: data.image_dir).",
+        f"or set data.image_dir (--set data.image_dir=DIR) to the folder holding the {split}{year} JPEGs.",
     )
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
@@ -271,13 +271,13 @@ def karpathy_source(
     if split not in ("train", "val", "test"):
         raise ValueError(f"Karpathy split must be 'train', 'val' or 'test', got {split!r}")
     json_path, image_root = Path(json_path), Path(image_root)
-    _require_file(json_path, "Karpathy split file", f"It comes from {KARPATHY_URL}; pass its path as json_path "
-                   "(in a config: data.karpathy_json).")
+    _require_file(json_path, "Karpathy split file", f"It comes from {KARPATHY_URL}; set data.karpathy_json "
+                   "(--set data.karpathy_json=FILE) to its path.")
     _require_dir(
         image_root,
         "image root",
-        "Pass image_root=<the folder holding train2014/ and val2014/ for COCO, or the Flickr image folder> "
-        "(in a config: data.image_dir).",
+        "Set data.image_dir (--set data.image_dir=DIR) to the folder holding train2014/ and val2014/ for COCO, or "
+        "to the Flickr image folder.",
     )
     text = _read_text(json_path)
     try:
@@ -316,15 +316,15 @@ def flickr8k_source(root: str | Path, split: str, image_dir: str | Path | None =
     if split not in FLICKR8K_SPLIT_FILES:
         raise ValueError(f"Flickr8k split must be one of {sorted(FLICKR8K_SPLIT_FILES)}, got {split!r}")
     root = Path(root)
-    text_fix = ("Pass root=<the folder unzipped from Flickr8k_text.zip> (in a config: data.root); it holds the token "
-                "file and the split lists.")
     token_path = root / "Flickr8k.token.txt"
     split_path = root / FLICKR8K_SPLIT_FILES[split]
-    _require_file(token_path, "Flickr8k caption file", text_fix)
-    _require_file(split_path, f"Flickr8k {split} split list", text_fix)
+    _require_file(token_path, "Flickr8k caption file", "Set data.root (--set data.root=DIR) to the folder unzipped "
+                  "from Flickr8k_text.zip; it holds the caption file and the split lists.")
+    _require_file(split_path, f"Flickr8k {split} split list", f"It comes in Flickr8k_text.zip with {token_path.name}; "
+                  f"unzip the whole archive into {root}.")
     image_dir = Path(image_dir) if image_dir is not None else root / "Flicker8k_Dataset"
-    _require_dir(image_dir, "Flickr8k images", "Pass image_dir=<the folder unzipped from Flickr8k_Dataset.zip> "
-                                                     "(in a config: data.image_dir).")
+    _require_dir(image_dir, "Flickr8k images", "Set data.image_dir (--set data.image_dir=DIR) to the folder unzipped "
+                                                     "from Flickr8k_Dataset.zip.")
 
     names = [line.strip() for line in _read_text(split_path).splitlines() if line.strip()]
     captions: dict[str, list[str]] = defaultdict(list)
