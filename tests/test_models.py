@@ -200,6 +200,10 @@ def test_an_input_side_the_trunk_cannot_take_is_refused_naming_the_least_it_take
                                               r"use at least 63, or 0"):
             encoder.check_input_size(size)
     assert encoder.training  # the probe leaves the mode as it was
+    Encoder("alexnet", None, grid_size=4).check_input_size(160)  # AlexNet's grid at 160 px is 4 x 4
+    with pytest.raises(ConfigError, match="model.grid_size 5 is larger than the 4x4 grid alexnet gives at "
+                                          "data.image_size 160, .* use at most 4, or 0"):
+        Encoder("alexnet", None, grid_size=5).check_input_size(160)
 
 
 # --------------------------------------------------------------------------------------------------------- decoders

@@ -107,26 +107,31 @@ class Encoder(nn.Module):
 
     def check_input_size(self, size: int) -> None:
         """Refuse an input side the trunk cannot take (its strides and pools would leave no feature grid), naming the
-        least side it takes."""
-        if self._takes(size):
+        least side it takes, and a model.grid_size above the grid the trunk gives (pooling up only repeats cells)."""
+        side = self._grid_side(size)
+        if side and self.grid_size > side:
+            raise ConfigError(f"model.grid_size {self.grid_size} is larger than the {side}x{side} grid {self.name} "
+                              f"gives at data.image_size {size}, so its cells would only repeat; use at most {side}, "
+                              "or 0 for the grid as it is")
+        if side:
             return
         low, high = size, 2 * size
-        while not self._takes(high):
+        while not self._grid_side(high):
             low, high = high, 2 * high
         while high - low > 1:  # the least side that works lies in (low, high]
             mid = (low + high) // 2
-            low, high = (low, mid) if self._takes(mid) else (mid, high)
+            low, high = (low, mid) if self._grid_side(mid) else (mid, high)
         raise ConfigError(f"data.image_size {size} is too small for model.encoder {self.name}: its trunk reduces a "
                           f"{size}x{size} image to nothing; use at least {high}, or 0 for the weights' own size")
 
-    def _takes(self, size: int) -> bool:
+    def _grid_side(self, size: int) -> int:
+        """The side of the trunk's grid for a size x size image; 0 when the trunk cannot take it."""
         mode, device = self.training, next(self.parameters()).device
         try:
             with torch.no_grad():
-                self.trunk.eval()(torch.zeros(1, 3, size, size, device=device))
-            return True
+                return self.trunk.eval()(torch.zeros(1, 3, size, size, device=device)).shape[-1]
         except RuntimeError:  # "Output size is too small", or a kernel larger than its padded input
-            return False
+            return 0
         finally:
             self.train(mode)
 
