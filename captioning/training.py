@@ -341,13 +341,14 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     state = load_checkpoint(resume) if resume else None
     if state is not None:
         _check_resumable(cfg, state, resume, world)
-    with _hold_run_folder(out_dir, resume):
-        return _run(cfg, state, device, rank, world, out_dir)
+    with contextlib.ExitStack() as run_folder:  # from when _run claims the run folder to the end of the run
+        return _run(cfg, state, resume, device, rank, world, out_dir, run_folder)
 
 
-def _run(cfg: Config, state: dict[str, Any] | None, device: torch.device, rank: int, world: int,
-         out_dir: Path) -> Path:
-    """train() in a run folder that this process holds; `state` is the checkpoint resumed, if any."""
+def _run(cfg: Config, state: dict[str, Any] | None, resume: str | Path | None, device: torch.device, rank: int,
+         world: int, out_dir: Path, run_folder: contextlib.ExitStack) -> Path:
+    """The body of train(); `state` is the checkpoint `resume` names, if any. The run folder's claim is entered into
+    `run_folder`."""
     torch.manual_seed(cfg.train.seed)  # the decoder's initial weights
 
     train_src, val_src = build_source(cfg.data, "train"), build_source(cfg.data, "val")
@@ -370,6 +371,9 @@ def _run(cfg: Config, state: dict[str, Any] | None, device: torch.device, rank: 
 
     preprocess = Preprocess.for_encoder(model.encoder, cfg.data.image_size)
     model.encoder.check_input_size(preprocess.size)
+    # Once the config, data and model have passed their checks (a run refused for them leaves no folder behind), and
+    # before the first write anywhere (the feature cache)
+    run_folder.enter_context(_hold_run_folder(out_dir, resume))
     model.to(device)
     cfg.data.image_size = preprocess.size  # 0 (the weights' crop size) as a number: a checkpoint's model is
     # rebuilt without its pretrained weights, so evaluation, captioning and the demo read the size from here
