@@ -165,6 +165,11 @@ def _input_loaders(cfg: Config, model: Captioner, preprocess: Preprocess, train_
     return loaders[0], loaders[1]
 
 
+def _epoch_list(epochs: list[int]) -> str:
+    """[0] -> 'epoch 1', [2, 3] -> 'epochs 3, 4' (epochs count from 1 in messages)."""
+    return ("epoch " if len(epochs) == 1 else "epochs ") + ", ".join(str(e + 1) for e in epochs)
+
+
 def _save_average(model: Captioner, average: dict[str, Any], cfg: Config, vocab: Vocabulary, val_loader: DataLoader,
                   val_refs: list[list[str]], device: torch.device, path: Path) -> None:
     """Validate the averaged weights as every epoch is validated, and write them as a model checkpoint."""
@@ -175,8 +180,7 @@ def _save_average(model: Captioner, average: dict[str, Any], cfg: Config, vocab:
     if is_main():
         save_checkpoint({"config": cfg.to_dict(), "vocab": vocab.to_dict(), "model": average["model"],
                          "averaged_epochs": average["epochs"], "val": scores}, path)
-        epochs = ", ".join(str(e + 1) for e in average["epochs"])
-        print(f"averaged the weights of epochs {epochs}: val BLEU-4 {scores['Bleu_4']:.3f} CIDEr "
+        print(f"averaged the weights of {_epoch_list(average['epochs'])}: val BLEU-4 {scores['Bleu_4']:.3f} CIDEr "
               f"{scores['CIDEr']:.3f}; checkpoint {path}", flush=True)
 
 
@@ -509,9 +513,9 @@ def _run(cfg: Config, state: dict[str, Any] | None, resume: str | Path | None, d
             if progress.epoch >= window:
                 if average["epochs"] and average["epochs"][0] < window:  # a finished run resumed with more epochs
                     if is_main():
-                        log.info("averaged.pt starts afresh at epoch %d: the mean kept of epochs %s cannot drop "
-                                 "those now before the last %d", progress.epoch + 1,
-                                 ", ".join(str(e + 1) for e in average["epochs"]), cfg.train.average_epochs)
+                        log.info("averaged.pt starts afresh at epoch %d: the running mean of %s cannot "
+                                 "drop them, and they are no longer among the last %d", progress.epoch + 1,
+                                 _epoch_list(average["epochs"]), cfg.train.average_epochs)
                     average = {"epochs": [], "model": {}}
                 _add_to_average(average, model, progress.epoch)
             patience = cfg.train.early_stop_patience

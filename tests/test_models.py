@@ -414,11 +414,14 @@ def test_word_vectors_initialise_known_words(tmp_path, header):
     assert torch.equal(weight[others], before[others])
 
 
-def test_word_vectors_with_the_wrong_dimension_name_file_and_line(tmp_path):
+def test_word_vectors_of_the_wrong_dimension_or_without_a_known_word_are_refused_naming_the_file(tmp_path):
     path = tmp_path / "vectors.txt"
     path.write_text("red 0.5 -1 2 0.25\nblue 1 2 3\n", encoding="utf8")
     decoder = build_decoder(_model_cfg(embed_dim=4), len(VOCAB), FEATURES)
     with pytest.raises(ValueError, match=r"vectors\.txt:2: vector has 3 values but model\.embed_dim is 4"):
+        load_word_vectors(decoder.embed, path, VOCAB)
+    path.write_text("Red 0.5 -1 2 0.25\nrouge 1 2 3 4\n", encoding="utf8")
+    with pytest.raises(ValueError, match=rf"vectors\.txt holds none of the {len(VOCAB)} vocabulary words"):
         load_word_vectors(decoder.embed, path, VOCAB)
 
 

@@ -787,8 +787,6 @@ def _main_fails_cleanly(tmp_path: Path, argv: list[str]) -> str:
     return info.value.code
 
 
-
-
 @pytest.mark.parametrize("case", ["coco-root-missing", "coco-without-root", "malformed-yaml", "run-exists",
                                   "word-vectors-missing", "out-dir-under-a-file"])
 def test_train_script_reports_data_and_file_mistakes_without_a_traceback(tmp_path, case):

@@ -693,14 +693,16 @@ def test_averaged_checkpoint_is_the_mean_of_the_last_epochs_weights(averaged_run
         train(_small(three, **_AVERAGE), resume=three / "averaged.pt")
 
 
-def test_a_finished_run_given_more_epochs_averages_afresh_and_says_so(averaged_run, tmp_path, caplog):
+def test_a_finished_run_given_more_epochs_averages_afresh_and_says_so(averaged_run, tmp_path, caplog, capsys):
     _, three = averaged_run
     shutil.copytree(three, tmp_path / "run")
     cfg = _small(tmp_path / "run", **{**_AVERAGE, "train.epochs": 4, "train.average_epochs": 2})
     with caplog.at_level("INFO", logger="captioning.training"):
         train(cfg, resume=tmp_path / "run" / "last.pt")
-    assert "averaged.pt starts afresh at epoch 4: the mean kept of epochs 2, 3 cannot drop" in caplog.text
+    assert ("averaged.pt starts afresh at epoch 4: the running mean of epochs 2, 3 cannot drop them, and they are no "
+            "longer among the last 2") in caplog.text
     assert load_checkpoint(tmp_path / "run" / "averaged.pt")["averaged_epochs"] == [3]
+    assert "averaged the weights of epoch 4: val BLEU-4" in capsys.readouterr().out
 
 
 def test_averaging_survives_a_resume_inside_its_window(tmp_path, monkeypatch, averaged_run):

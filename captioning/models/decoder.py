@@ -227,4 +227,7 @@ def load_word_vectors(embedding: nn.Embedding, path: str | Path, vocab: Vocabula
                 with torch.no_grad():
                     embedding.weight[idx] = torch.tensor([float(v) for v in values])
                 found += 1
+    if not found:  # a file for another language, or with upper-case words: the vocabulary is lower case
+        raise ValueError(f"model.word_vectors {path} holds none of the {len(vocab)} vocabulary words (which are lower "
+                         "case); name a word-vector file of the captions' language, or set it to null")
     return found
