@@ -437,6 +437,16 @@ def _run(cfg: Config, state: dict[str, Any] | None, resume: str | Path | None, d
             # for one that had stopped, and rank 0 could then fail before writing last.pt
             stop.signal = max_over_ranks(stop.signal or 0, device) or None
 
+        def save_and_stop(when: str) -> None:
+            checkpoint(out_dir / "last.pt")
+            if is_main():  # the process that wrote last.pt
+                log.warning("stopped by signal %d %s; checkpoint %s (continue with --resume)", stop.signal, when,
+                            out_dir / "last.pt")
+            # The other ranks end only once last.pt is written: when one process exits with an error, torchrun
+            # sends SIGTERM to the rest, which would stop rank 0 in the middle of the save
+            barrier()
+            raise SystemExit(128 + stop.signal)
+
         def on_step() -> bool:
             agree_on_stop()
             every = cfg.train.save_every_steps
@@ -468,11 +478,7 @@ def _run(cfg: Config, state: dict[str, Any] | None, resume: str | Path | None, d
                                          rewards=rewards)
             agree_on_stop()  # a signal may also come after the epoch's last step
             if stop.signal is not None:
-                checkpoint(out_dir / "last.pt")
-                if is_main():  # the process that wrote last.pt
-                    log.warning("stopped by signal %d at epoch %d step %d; checkpoint %s (continue with --resume)",
-                                stop.signal, progress.epoch + 1, progress.step_in_epoch, out_dir / "last.pt")
-                raise SystemExit(128 + stop.signal)
+                save_and_stop(f"at epoch {progress.epoch + 1} step {progress.step_in_epoch}")
             if not progress.losses:  # every step of the epoch skipped; the ranks skip together, so all of them end here
                 if progress.skipped_nonfinite > nonfinite_before:
                     raise FloatingPointError(f"no training step ran in epoch {progress.epoch + 1}: the loss was not "
@@ -491,12 +497,8 @@ def _run(cfg: Config, state: dict[str, Any] | None, resume: str | Path | None, d
             if stop.signal is not None:
                 # The epoch's training is done and its validation is not: that is the state saved, so --resume
                 # trains no more of this epoch and validates it from the start.
-                checkpoint(out_dir / "last.pt")
-                if is_main():
-                    log.warning("stopped by signal %d while validating epoch %d (%d of %d images decoded); checkpoint "
-                                "%s (continue with --resume)", stop.signal, progress.epoch + 1, len(predictions),
-                                len(val_ds), out_dir / "last.pt")
-                raise SystemExit(128 + stop.signal)
+                save_and_stop(f"while validating epoch {progress.epoch + 1} ({len(predictions)} of {len(val_ds)} "
+                              "images decoded)")
             scores = score_predictions(predictions, val_refs)
             score = scores[cfg.train.select_metric]
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and not self_critical:

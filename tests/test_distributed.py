@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 PER_RANK_BATCH = 4
 
 LAUNCHER = '''
-import os, runpy, sys
+import os, runpy, sys, time
 import torch
 import captioning.training as training
 
@@ -50,6 +50,7 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, device, cfg, prog
 def save_checkpoint(state, path):
     with open(os.path.join(evidence, f"saves_rank{rank}.txt"), "a") as f:
         f.write(os.path.basename(str(path)) + "\\n")
+    time.sleep(float(os.environ.get("SAVE_SECONDS", "0")))  # a slow disk, or a large model
     save(state, path)
 
 # On rank 1 only: these (1-based) calls of caption_loss give NaN, and this one sends the process SIGTERM
@@ -242,12 +243,13 @@ def test_a_batch_with_no_readable_image_on_one_rank_is_skipped_on_both(tmp_path)
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     """A signal that reaches one process only (kill of one PID, or Ctrl-C landing between two ranks' checks): every
     rank stops after the same step, and rank 0 writes last.pt there. A rank that went on would wait in the next
-    gradient all-reduce for the one that stopped, and rank 0 fail before saving."""
+    gradient all-reduce for the one that stopped, and rank 0 fail before saving. The save takes a second: a rank
+    that exited before it ended would have torchrun stop rank 0 in the middle of it."""
     config = _config(tmp_path, "one", PER_RANK_BATCH, 2)  # 2 steps per epoch
     evidence = tmp_path / "one" / "evidence"
     torchrun = ["--nproc_per_node", "2", "--standalone"]
     result = subprocess.run(_command(tmp_path, evidence, torchrun, ["--config", str(config)]), cwd=tmp_path,
-                            env=_env(SIGTERM_RANK1_AT_CALL="3"), capture_output=True, text=True, timeout=120)
+                            env=_env(SIGTERM_RANK1_AT_CALL="3", SAVE_SECONDS="1"), capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "stopped by signal 15 at epoch 2 step 1" in result.stderr, result.stderr[-3000:]
     assert torch.load(tmp_path / "one" / "run" / "last.pt", weights_only=True)["progress"]["global_step"] == 3
