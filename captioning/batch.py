@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import fcntl
 import io
 import json
 import logging
@@ -36,6 +35,7 @@ from tqdm import tqdm
 from captioning.data.datasets import Preprocess
 from captioning.data.sources import DEFAULT_MAX_PIXELS, BadImageError, open_image
 from captioning.engine import StopFlag, Stopped, leave_signals_to_main
+from captioning.files import lock_exclusive, write_whole
 from captioning.inference import Caption, ImageCaptioner
 from captioning.visualize import attention_figure
 
@@ -237,14 +237,8 @@ class ResultWriter(ABC):
         # Opened to append, which changes nothing, so that the file is locked before it is read, cut or emptied.
         self.file = open(self.path, "a", encoding="utf-8", errors=self.errors, newline="")
         try:
-            try:
-                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ValueError(f"{self.out} is being written by another caption.py run; let it finish (a rerun "
-                                 "then resumes it), or write to another file with --out") from None
-            except OSError as e:  # a file system without locks (some network mounts): work as before locks
-                log.warning("%s cannot be locked (%s), so nothing keeps a second run from writing it at once",
-                            self.path, e.strerror)
+            lock_exclusive(self.file, f"{self.out} is being written by another caption.py run; let it finish (a "
+                                      "rerun then resumes it), or write to another file with --out")
             if overwrite or not os.path.getsize(self.path):  # an empty file has nothing to resume
                 self.file.seek(0)
                 self.file.truncate()
@@ -263,9 +257,7 @@ class ResultWriter(ABC):
 
     def _record(self, settings: dict | None) -> None:
         if settings is not None:
-            tmp = self.settings_path.with_name(self.settings_path.name + ".tmp")
-            tmp.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
-            os.replace(tmp, self.settings_path)
+            write_whole({self.settings_path: json.dumps(settings, indent=1) + "\n"})
 
     def _resume(self, settings: dict | None) -> None:
         """Refuse settings other than the recorded ones before anything is cut; read the file. A file from before
@@ -493,6 +485,7 @@ def _changed_settings(recorded: dict, settings: dict) -> str:
 class Summary:
     done: int = 0
     skipped: int = 0  # already in the output
+    without_map: int = 0  # of those, the images with no attention map (when maps are asked for)
     failed: int = 0
     repeated: int = 0  # a file named again, e.g. through a symbolic link: captioned once, under its first name
     seconds: float = 0.0
@@ -548,6 +541,7 @@ def caption_files(captioner: ImageCaptioner, paths: Iterable[str], writer: Resul
         key = image_key(path)
         if key in writer.done:
             summary.skipped += 1
+            summary.without_map += attention_dir is not None and not attention_file(Path(attention_dir), path).exists()
         elif key in seen:
             summary.repeated += 1
         else:

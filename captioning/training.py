@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -58,6 +55,7 @@ from captioning.engine import (
     score_predictions,
     train_one_epoch,
 )
+from captioning.files import check_writable, lock_exclusive, not_utf8_error
 from captioning.models import Captioner
 from captioning.models.decoder import load_word_vectors
 from captioning.rewards import SampleRewards
@@ -236,24 +234,24 @@ def _check_resumable(cfg: Config, state: dict[str, Any], resume: str | Path, wor
 RUN_FILES = ("last.pt", "best.pt", "averaged.pt", "metrics.jsonl")
 
 
-def _lock_run_folder(out_dir: Path) -> int:
-    """Make sure this process can write the run folder and is the only one writing it -> the file descriptor holding
-    its lock, which the process's end, however it comes, releases."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _claim_run_folder(out_dir: Path, resume: str | Path | None, epoch: int) -> IO:
+    """Make sure this process can write the run folder, is the only one writing it and finds no other run there, and
+    drop the metrics.jsonl lines of `epoch` on, which the run writes again -> the open lock file, whose closing (or
+    the process's end, however it comes) releases the lock."""
     try:  # now, not at the first checkpoint, an epoch of training later
-        fd, probe = tempfile.mkstemp(prefix=".writable.", dir=out_dir)
+        check_writable(out_dir)
     except OSError as e:
         raise ConfigError(f"train.out_dir {out_dir} cannot be written ({e.strerror}); make it writable, or choose "
                           "another folder with --set train.out_dir=...") from None
-    os.close(fd)
-    os.unlink(probe)
-    lock = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lock = open(out_dir / ".lock", "a")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock)
-        raise ConfigError(f"train.out_dir {out_dir}: another training is writing this run folder; wait for it to end, "
-                          "or choose another folder with --set train.out_dir=...") from None
+        lock_exclusive(lock, f"train.out_dir {out_dir}: another training is writing this run folder; wait for it to "
+                             "end, or choose another folder with --set train.out_dir=...")
+        _check_no_other_run(out_dir, resume)  # once locked: a run still writing the folder is not "a run" there
+        _keep_metrics_before(out_dir / "metrics.jsonl", epoch)
+    except BaseException:
+        lock.close()
+        raise
     return lock
 
 
@@ -269,15 +267,14 @@ def _check_no_other_run(out_dir: Path, resume: str | Path | None) -> None:
 
 
 @contextlib.contextmanager
-def _hold_run_folder(out_dir: Path, resume: str | Path | None) -> Iterator[None]:
+def _hold_run_folder(out_dir: Path, resume: str | Path | None, epoch: int) -> Iterator[None]:
     """Rank 0, the process that writes the run folder, holds it for the run. When it refuses the folder, every rank
     ends with its error: a rank left to go on would wait in its next collective for one that has ended."""
     lock, refusal = None, None
     if is_main():
         try:
-            lock = _lock_run_folder(out_dir)
-            _check_no_other_run(out_dir, resume)  # once locked: a run still writing the folder is not "a run" there
-        except (ConfigError, OSError) as e:
+            lock = _claim_run_folder(out_dir, resume, epoch)
+        except (ValueError, OSError) as e:
             refusal = e
     refusal = broadcast_object(refusal)
     try:
@@ -286,7 +283,7 @@ def _hold_run_folder(out_dir: Path, resume: str | Path | None) -> Iterator[None]
         yield
     finally:
         if lock is not None:
-            os.close(lock)
+            lock.close()
 
 
 def _epoch_of(line: str) -> int | None:
@@ -307,9 +304,8 @@ def _keep_metrics_before(path: Path, epoch: int) -> None:
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}, line {line}: not UTF-8 text; repair or delete the line, then resume again") from None
+    except UnicodeDecodeError:
+        raise not_utf8_error(path, data, "repair or delete the line, then resume again") from None
     lines = text.split("\n")
     kept = []
     for number, line in enumerate(lines, 1):
@@ -322,7 +318,7 @@ def _keep_metrics_before(path: Path, epoch: int) -> None:
             log.warning("%s: dropped its last line, %d characters that a crash cut short while they were written",
                         path, len(line))
         elif line_epoch is None:
-            raise ValueError(f"{path}, line {number}: not a metrics record ({line[:40]!r}); repair or delete the "
+            raise ValueError(f"{path}:{number}: not a metrics record ({line[:40]!r}); repair or delete the "
                              "line, then resume again")
         elif line_epoch < epoch:
             kept.append(line + "\n")
@@ -377,7 +373,7 @@ def _run(cfg: Config, state: dict[str, Any] | None, resume: str | Path | None, d
     model.encoder.check_input_size(preprocess.size)
     # Once the config, data and model have passed their checks (a run refused for them leaves no folder behind), and
     # before the first write anywhere (the feature cache)
-    run_folder.enter_context(_hold_run_folder(out_dir, resume))
+    run_folder.enter_context(_hold_run_folder(out_dir, resume, state["progress"]["epoch"] if state else 0))
     model.to(device)
     cfg.data.image_size = preprocess.size  # 0 (the weights' crop size) as a number: a checkpoint's model is
     # rebuilt without its pretrained weights, so evaluation, captioning and the demo read the size from here
@@ -415,7 +411,6 @@ def _run(cfg: Config, state: dict[str, Any] | None, resume: str | Path | None, d
         model.decoder.compile_step()
 
     if is_main():
-        _keep_metrics_before(out_dir / "metrics.jsonl", progress.epoch)
         save_config(cfg, out_dir / "config.yaml")
         vocab.save(out_dir / "vocab.json")
         for name in ("last.pt", "best.pt"):

@@ -104,9 +104,9 @@ def main(args: argparse.Namespace) -> int:
                  f"{writer.path}")
     summary.failed += len(unreadable)
     print(f"{summary} -> {out}")
-    if args.attention_dir and summary.skipped:
-        print(f"note: attention maps are drawn as images are captioned; the {summary.skipped} captioned by an earlier "
-              f"run into {out} got none now (pass --overwrite to caption them again with maps)")
+    if summary.without_map:
+        print(f"note: {summary.without_map} images captioned by an earlier run into {out} have no attention map "
+              f"(maps are drawn as images are captioned); to draw theirs, caption them again into another --out")
     return 1 if args.strict and summary.failed else 0
 
 

@@ -12,10 +12,8 @@ Images that cannot be read are named in warnings, left out of the scores and cou
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from captioning.config import ConfigError, at_least, finite, load_config
 from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, build_source, collate_eval
 from captioning.decoding import check_beam_size
 from captioning.engine import check_cpu_bf16, console_logging, evaluate, leave_signals_to_main, resolve_device
+from captioning.files import check_writable, write_whole
 from captioning.models import load_model
 
 
@@ -72,8 +71,7 @@ def main(args: argparse.Namespace) -> dict:
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     try:  # found now, not after every image is decoded
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
+        check_writable(out)
     except OSError as e:
         sys.exit(f"error: --out {out} cannot hold the captions and scores ({e.strerror}); name another folder")
     preprocess = Preprocess.for_encoder(model.encoder, cfg.data.image_size)
@@ -94,13 +92,12 @@ def main(args: argparse.Namespace) -> dict:
               "data": cfg.to_dict()["data"], **scores}
     names = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
     print("  ".join(f"{n} {scores[n]:.4f}" for n in names if n in scores))  # first: a failed write keeps them
-    for path, text in [(out / f"captions_{args.split}.json", json.dumps(results, indent=1)),
-                       (out / f"scores_{args.split}.json", json.dumps(report, indent=2))]:
-        try:
-            replace_file(path, text)
-        except OSError as e:  # a full disk, most likely
-            sys.exit(f"error: {path}: {e.strerror}; the scores are printed above, and an earlier evaluation's file "
-                     "there is intact")
+    try:
+        write_whole({out / f"captions_{args.split}.json": json.dumps(results, indent=1),
+                     out / f"scores_{args.split}.json": json.dumps(report, indent=2)})
+    except OSError as e:  # a full disk, most likely
+        sys.exit(f"error: {e.filename}: {e.strerror}; the scores are printed above, and an earlier evaluation's "
+                 f"captions and scores in {out} are as they were")
     for note in scores.get("notes", []):
         print(f"note: {note}")
     if unreadable:
@@ -110,16 +107,6 @@ def main(args: argparse.Namespace) -> dict:
     if args.strict and unreadable:
         raise SystemExit(1)
     return report
-
-
-def replace_file(path: Path, text: str) -> None:
-    """Write path whole or not at all: a full disk leaves an earlier evaluation's file as it was."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

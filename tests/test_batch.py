@@ -316,17 +316,27 @@ def test_attention_maps_and_nbest_in_jsonl(tree, trained_checkpoint, tmp_path):
     assert Image.open(figures[0]).width > 160  # the photo and at least one word panel
 
 
-def test_attention_maps_written_inside_the_input_folder_are_not_inputs(tree, trained_checkpoint, tmp_path, capsys):
+def test_attention_maps_written_inside_the_input_folder_are_not_inputs(tree, trained_checkpoint, tmp_path):
     photos, out = tmp_path / "photos", tmp_path / "captions.jsonl"
     shutil.copytree(tree["photos"] / "nested", photos)
     for _ in range(2):  # the second run finds the first one's maps in the folder it captions
         assert run(trained_checkpoint, str(photos), "--out", str(out), "--attention-dir", str(photos / "maps")) == 0
-    assert "the 2 captioned by an earlier run" in capsys.readouterr().out  # the second run drew no map
     assert sorted(Path(r["path"]).name for r in read_jsonl(out)) == ["g.jpg", "h.png"]
     assert sorted(p.name for p in (photos / "maps").rglob("*.png")) == ["g.jpg.png", "h.png.png"]
     for maps in (photos, tmp_path):  # the input folder itself, or a folder that holds it
         with pytest.raises(SystemExit, match=f"--attention-dir {maps} holds the input folder {photos}"):
             run(trained_checkpoint, str(photos), "--out", str(out), "--attention-dir", str(maps))
+
+
+def test_images_captioned_earlier_without_an_attention_map_are_counted(tree, trained_checkpoint, tmp_path, capsys):
+    photos, maps = tree["photos"] / "nested", tmp_path / "maps"
+    plain, mapped = tmp_path / "plain.jsonl", tmp_path / "mapped.jsonl"
+    assert run(trained_checkpoint, str(photos), "--out", str(plain)) == 0
+    assert run(trained_checkpoint, str(photos), "--out", str(plain), "--attention-dir", str(maps)) == 0
+    assert "note: 2 images captioned by an earlier run into" in capsys.readouterr().out
+    for _ in range(2):  # a run killed after its maps resumes with nothing to say: their maps are there
+        assert run(trained_checkpoint, str(photos), "--out", str(mapped), "--attention-dir", str(maps)) == 0
+    assert "no attention map" not in capsys.readouterr().out
 
 
 def test_a_photo_gone_before_its_attention_map_keeps_its_caption(tree, trained_checkpoint, tmp_path, monkeypatch,

@@ -249,7 +249,8 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     evidence = tmp_path / "one" / "evidence"
     torchrun = ["--nproc_per_node", "2", "--standalone"]
     result = subprocess.run(_command(tmp_path, evidence, torchrun, ["--config", str(config)]), cwd=tmp_path,
-                            env=_env(SIGTERM_RANK1_AT_CALL="3", SAVE_SECONDS="1"), capture_output=True, text=True, timeout=120)
+                            env=_env(SIGTERM_RANK1_AT_CALL="3", SAVE_SECONDS="1"), capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode != 0
     assert "stopped by signal 15 at epoch 2 step 1" in result.stderr, result.stderr[-3000:]
     assert torch.load(tmp_path / "one" / "run" / "last.pt", weights_only=True)["progress"]["global_step"] == 3

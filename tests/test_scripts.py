@@ -193,14 +193,17 @@ def test_evaluate_script_on_a_split_it_cannot_read_or_an_out_that_is_a_file(synt
     _assert_clean_error(result, "a_file/eval cannot hold the captions and scores (Not a directory)")
 
 
+@pytest.mark.parametrize("full_at", ["captions", "scores"])
 def test_evaluate_script_on_a_full_disk_prints_the_scores_and_keeps_the_earlier_files(synthetic_run, tmp_path,
-                                                                                     monkeypatch, capsys):
+                                                                                     monkeypatch, capsys, full_at):
     run, _ = synthetic_run
-    (tmp_path / "captions_test.json").write_text("earlier")
+    earlier = {"captions_test.json": "earlier captions", "scores_test.json": "earlier scores"}
+    for name, text in earlier.items():
+        (tmp_path / name).write_text(text)
     write_text = Path.write_text
 
     def full_disk(path, text, *args, **kwargs):
-        if path.parent != tmp_path:
+        if path.parent != tmp_path or full_at not in path.name:
             return write_text(path, text, *args, **kwargs)
         path.open("w").close()  # opened, and so emptied, before the disk fills
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -208,11 +211,10 @@ def test_evaluate_script_on_a_full_disk_prints_the_scores_and_keeps_the_earlier_
     monkeypatch.setattr(Path, "write_text", full_disk)
     argv = ["--checkpoint", str(run / "best.pt"), "--split", "test", "--no-meteor", "--num-workers", "0",
             "--device", "cpu", "--out", str(tmp_path)]
-    with pytest.raises(SystemExit, match=r"captions_test\.json: No space left on device; the scores are printed"):
+    with pytest.raises(SystemExit, match=rf"{full_at}_test\.json: No space left on device; the scores are printed"):
         evaluate_script.main(evaluate_script.get_args_parser().parse_args(argv))
     assert "Bleu_4 " in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions_test.json"]
-    assert (tmp_path / "captions_test.json").read_text() == "earlier"
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == earlier  # both as they were, no temp file left
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "x"])

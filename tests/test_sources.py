@@ -523,7 +523,7 @@ def test_karpathy_entry_without_a_key_or_of_the_wrong_type_is_named(make_karpath
         karpathy_source(path, image_root, "train")
 
 
-def test_blank_captions_are_left_out_and_counted(make_flickr8k, make_coco, tmp_path, caplog):
+def test_blank_captions_are_left_out_and_counted(make_flickr8k, make_coco, make_karpathy, tmp_path, caplog):
     root = make_flickr8k(tmp_path)
     names = (root / "Flickr_8k.trainImages.txt").read_text().split()
     token = root / "Flickr8k.token.txt"
@@ -546,6 +546,13 @@ def test_blank_captions_are_left_out_and_counted(make_flickr8k, make_coco, tmp_p
     _edited_json(path, lambda d: [a.update(caption=" \t") for a in d["annotations"]])
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: all 11 captions of the val split are blank"):
         coco_source(coco_root, "val")
+
+    json_path, image_root = make_karpathy(tmp_path, dataset="flickr8k")
+    _edited_json(json_path, lambda d: d["images"][0]["sentences"][2].update(raw="  "))
+    split = json.loads(json_path.read_text())["images"][0]["split"]
+    source = karpathy_source(json_path, image_root, split)
+    assert source.blank_captions == 1 and len(source.samples[0].captions) == 4
+    assert all(c.strip() for s in source.samples for c in s.captions)
 
 
 def test_check_data_reports_blank_captions_and_fails_a_split_of_blank_captions_only(make_flickr8k, tmp_path, capsys):
@@ -591,8 +598,8 @@ def test_a_damaged_feature_array_is_refused_at_open_naming_it(tmp_path, damage, 
     assert FeatureLoader(folder, "train", record)(3).shape == (9, 8)
     damage(folder / "train.npy")
     with pytest.raises(ConfigError, match=rf"^feature cache {re.escape(str(folder / 'train.npy'))} is damaged "
-                                          rf"\({problem}.*\); delete the folder {re.escape(str(folder))} \(it is "
-                                          "rebuilt\\)"):
+                                          rf"\({problem}.*\); delete train\.npy and train\.json in "
+                                          rf"{re.escape(str(folder))} \(that split is extracted again\)"):
         FeatureLoader(folder, "train", record)
 
 

@@ -286,11 +286,11 @@ def test_a_run_folder_that_another_training_is_writing_is_refused_to_a_new_run_a
     cfg = _small(tmp_path / "run")
     train(cfg)
     with _lock(tmp_path / "run"):  # train() released its lock when it returned
-        with pytest.raises(ConfigError, match=f"{tmp_path / 'run'}: another training is writing this run folder"):
+        with pytest.raises(ValueError, match=f"{tmp_path / 'run'}: another training is writing this run folder"):
             train(_small(tmp_path / "run", **{"train.epochs": 2}), resume=tmp_path / "run" / "last.pt")
         metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
     with _lock(tmp_path / "new"):
-        with pytest.raises(ConfigError, match="another training is writing"):
+        with pytest.raises(ValueError, match="another training is writing"):
             train(_small(tmp_path / "new"))
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [".lock"]
 
@@ -311,19 +311,18 @@ def test_a_run_folder_that_another_training_is_writing_is_refused_to_a_new_run_a
 def test_a_run_folder_that_cannot_be_written_is_refused_before_training(tmp_path, monkeypatch):
     first = train(_small(tmp_path / "run"))
     before = {p.name: p.read_bytes() for p in first.iterdir()}
-    real = tempfile.mkstemp
+    real = tempfile.TemporaryFile
 
     def read_only_run_folder(*args, dir=None, **kwargs):  # as chmod a-w would, which root is not held to
         if Path(dir) == first:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(first / ".x.tmp"))
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(first / "tmpx"))
         return real(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(tempfile, "mkstemp", read_only_run_folder)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only_run_folder)
     monkeypatch.setattr(training, "train_one_epoch", lambda *a, **k: pytest.fail("trained in a folder it cannot write"))
     with pytest.raises(ConfigError, match=f"train.out_dir {first} cannot be written \\(Permission denied\\)"):
         train(_small(first, **{"train.epochs": 2}), resume=first / "last.pt")
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
-
 
 
 def test_an_empty_out_dir_is_refused_before_writing_into_the_current_folder(tmp_path, monkeypatch):
@@ -389,7 +388,7 @@ def test_a_damaged_metrics_line_other_than_a_cut_last_one_is_refused_naming_it(t
     run = shutil.copytree(one_epoch_run, tmp_path / "run")
     (run / "metrics.jsonl").write_bytes(before + (run / "metrics.jsonl").read_bytes() + after)
     files = {p.name: p.read_bytes() for p in run.iterdir()}
-    with pytest.raises(ValueError, match=f"{run / 'metrics.jsonl'}, line {line}: .*repair or delete the line"):
+    with pytest.raises(ValueError, match=f"{run / 'metrics.jsonl'}:{line}: .*repair or delete the line"):
         train(_small(run, **{"train.epochs": 2}), resume=run / "last.pt")
     assert {p.name: p.read_bytes() for p in run.iterdir()} == files
 
@@ -503,14 +502,14 @@ def test_feature_cache_made_with_other_settings_is_refused(tmp_path, feature_cac
     cfg = _small(tmp_path / "run", **{**_CACHED, "data.feature_cache": str(feature_cache), **change})
     with pytest.raises(ValueError, match=f"was made with other settings.*'{named}'") as info:
         train(cfg)
-    assert "delete the folder" in str(info.value)
+    assert "delete train.npy and train.json in" in str(info.value)
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_a_damaged_feature_cache_record_is_refused_naming_it(tmp_path, feature_cache):
     shutil.copytree(feature_cache, tmp_path / "features")
     (tmp_path / "features" / "train.json").write_text('{"encoder": "res')  # cut short
-    with pytest.raises(ConfigError, match=r"train\.json is damaged .*delete the folder"):
+    with pytest.raises(ConfigError, match=r"train\.json is damaged .*delete train\.npy and train\.json in .*features"):
         FeatureLoader(tmp_path / "features", "train", {})
 
 

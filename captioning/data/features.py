@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -29,10 +30,11 @@ from captioning.engine import StopFlag, Stopped, leave_signals_to_main
 from captioning.models.encoder import Encoder
 
 
-def weights_digest(encoder: Encoder) -> str:
-    """A digest of the encoder's weights and buffers: equal digests, equal features."""
+def weights_digest(module: nn.Module) -> str:
+    """A digest of a module's weights and buffers: equal digests, equal outputs (an encoder's features, a model's
+    captions)."""
     digest = hashlib.sha256()
-    for name, tensor in encoder.state_dict().items():
+    for name, tensor in module.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:16]
@@ -90,7 +92,6 @@ def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess:
                         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
                                                           shape=(len(dataset), *grid.shape[1:]))
                         _reserve(tmp)
-                        array[:] = 0
                     array[batch["index"].numpy()] = grid.float().cpu().numpy().astype(dtype)
                     read[batch["index"].numpy()] = True
                 if stop.signal is not None:
@@ -114,6 +115,12 @@ def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess:
     return folder / f"{split}.npy"
 
 
+def _rebuild(folder: Path, split: str) -> str:
+    """How to have a split's cache made again: a split without both files is extracted at the next run."""
+    return (f"delete {split}.npy and {split}.json in {folder} (that split is extracted again), or point "
+            "data.feature_cache elsewhere")
+
+
 def _open_features(path: Path, record: dict[str, Any]) -> np.ndarray:
     """Memory-map a cached array, checked against its record: one (N, C) row of the record's dtype per image. A file cut
     short, overwritten or copied from another split is refused here, not in the middle of an epoch."""
@@ -132,8 +139,7 @@ def _open_features(path: Path, record: dict[str, Any]) -> np.ndarray:
     elif array is not None and len(array) != record["num_images"]:
         problem = f"{len(array)} rows for the {record['num_images']} images of its record"
     if problem:
-        raise ConfigError(f"feature cache {path} is damaged ({problem}); delete the folder {path.parent} (it is "
-                          "rebuilt) or point data.feature_cache elsewhere to re-extract")
+        raise ConfigError(f"feature cache {path} is damaged ({problem}); {_rebuild(path.parent, path.stem)}")
     return array
 
 
@@ -149,13 +155,12 @@ class FeatureLoader:
         try:
             stored = json.loads(meta_path.read_text())
         except ValueError as e:  # cut short or overwritten by something else
-            raise ConfigError(f"feature cache record {meta_path} is damaged ({e}); delete the folder or point "
-                              "data.feature_cache elsewhere to re-extract") from None
+            raise ConfigError(f"feature cache record {meta_path} is damaged ({e}); {_rebuild(folder, split)}") from None
         self.unreadable = set(stored.pop("unreadable", []))  # images the extraction could not read
         if stored != record:
             diff = {k: (stored.get(k), v) for k, v in record.items() if stored.get(k) != v}
             raise ConfigError(f"feature cache {array_path} was made with other settings (cached, wanted): {diff}; "
-                              "delete the folder or point data.feature_cache elsewhere to re-extract")
+                              f"{_rebuild(folder, split)}")
         self.array, self.meta_path = _open_features(array_path, stored), meta_path
 
     def __len__(self) -> int:

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools.coco import COCO
 
+from captioning.files import not_utf8_error
+
 try:  # HEIC/HEIF photos (phone cameras) open once the optional pillow-heif plugin is installed
     from pillow_heif import register_heif_opener
 except ImportError:
@@ -159,23 +161,12 @@ def _require_dir(path: Path, what: str, fix: str) -> None:
         raise FileNotFoundError(f"{what} not found: {path} is not a folder. {fix}")
 
 
-def _not_utf8(path: Path) -> ValueError:
-    """The error for a text file that does not decode as UTF-8, naming the file and the line of the first bad byte."""
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        return ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8")
-    return ValueError(f"{path}: not UTF-8 text; save the file as UTF-8")
-
-
 def _read_text(path: Path) -> str:
     """A text file as UTF-8 (a byte-order mark is dropped); anything else is a ValueError naming the file and line."""
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise _not_utf8(path) from None
+        raise not_utf8_error(path, path.read_bytes()) from None
 
 
 def _check_entries(path: Path, entries: object, where: str, keys: dict[str, type], optional: tuple[str, ...] = ()
@@ -242,7 +233,7 @@ def coco_source(root: str | Path, split: str, year: int = 2017, image_dir: str |
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
             coco = COCO(str(ann_path))
     except UnicodeDecodeError:
-        raise _not_utf8(ann_path) from None
+        raise not_utf8_error(ann_path, ann_path.read_bytes()) from None
     except (ValueError, AssertionError, KeyError, TypeError) as e:  # not JSON, or not COCO's layout
         raise ValueError(f"{ann_path}: not a COCO caption annotation file ({type(e).__name__}: {e}); download "
                          f"annotations_trainval{year}.zip again") from None
@@ -302,9 +293,9 @@ def karpathy_source(
         if img["split"] in wanted
     ]
     for folder in sorted({Path(s.path).parent for s in samples}):  # a few folders at most (train2014, val2014)
-        _require_dir(folder, "image folder", f"Check image_root={image_root} (data.image_dir): {json_path.name} "
-                    "expects it there.")
-    return CaptionSource(samples)
+        _require_dir(folder, "image folder", f"{json_path.name} expects it under data.image_dir {image_root}; set "
+                    "data.image_dir (--set data.image_dir=DIR) to the folder that holds it.")
+    return _without_blank(samples, json_path, split)
 
 
 def flickr8k_source(root: str | Path, split: str, image_dir: str | Path | None = None) -> CaptionSource:
