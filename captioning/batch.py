@@ -260,8 +260,9 @@ class ResultWriter(ABC):
             write_whole({self.settings_path: json.dumps(settings, indent=1) + "\n"})
 
     def _resume(self, settings: dict | None) -> None:
-        """Refuse settings other than the recorded ones before anything is cut; read the file. A file from before
-        the settings were recorded is resumed as asked, and from now on held to this run's."""
+        """Refuse settings other than the recorded ones before anything is cut; read the file. A file without a record
+        (from before records, or whose record was deleted) is resumed as asked, unchecked, and gets no record: what
+        made its captions is unknown."""
         try:
             recorded = json.loads(self.settings_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -276,9 +277,9 @@ class ResultWriter(ABC):
                                  "start it afresh, or write to another file with --out")
         self._check_paths(self._read_existing())
         if settings is not None and recorded is None:
-            log.warning("%s has no record of the checkpoint and options that made it (an older caption.py wrote it), "
-                        "so it is resumed as asked, and held to this run's from now on", self.out)
-            self._record(settings)
+            log.warning("%s has no record of the checkpoint and options that made it (%s is missing), so it is resumed "
+                        "as asked without that check; pass --overwrite to caption it afresh with a record", self.out,
+                        self.settings_path.name)
 
     @abstractmethod
     def _read_existing(self) -> list[str]:

@@ -84,6 +84,14 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
     return removed
 
 
+def check_finite(weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse weights holding NaN or infinity (a run that diverged before it was saved), by name."""
+    diverged = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if diverged:
+        raise CheckpointError(f"{path}: {len(diverged)} of its weights hold NaN or infinity (first {diverged[0]}), so "
+                              "the model computes noise; use an earlier checkpoint of the run, or retrain")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint without unpickling code; a truncated, corrupt or code-carrying file is refused clearly."""
     path = Path(path)

@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from captioning.checkpoint import CheckpointError, load_checkpoint, remove_stale_temps, save_checkpoint
+from captioning.checkpoint import CheckpointError, check_finite, load_checkpoint, remove_stale_temps, save_checkpoint
 from captioning.config import Config, ConfigError, save_config
 from captioning.data.datasets import (
     EpochSampler,
@@ -341,6 +341,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     state = load_checkpoint(resume) if resume else None
     if state is not None:
         _check_resumable(cfg, state, resume, world)
+        check_finite(state["model"], resume)
     with contextlib.ExitStack() as run_folder:  # from when _run claims the run folder to the end of the run
         return _run(cfg, state, resume, device, rank, world, out_dir, run_folder)
 
@@ -370,7 +371,8 @@ def _run(cfg: Config, state: dict[str, Any] | None, resume: str | Path | None, d
         log.info("word vectors: %d of %d vocabulary words found in %s", found, len(vocab), cfg.model.word_vectors)
 
     preprocess = Preprocess.for_encoder(model.encoder, cfg.data.image_size)
-    model.encoder.check_input_size(preprocess.size)
+    if state is None:  # a resumed run keeps its size (a fixed key) and grid, with which it has trained
+        model.encoder.check_input_size(preprocess.size)
     # Once the config, data and model have passed their checks (a run refused for them leaves no folder behind), and
     # before the first write anywhere (the feature cache)
     run_folder.enter_context(_hold_run_folder(out_dir, resume, state["progress"]["epoch"] if state else 0))
@@ -540,8 +542,11 @@ def _run(cfg: Config, state: dict[str, Any] | None, resume: str | Path | None, d
             if stop_run:
                 break
     if is_main():
+        best_path = out_dir / "best.pt"
+        if not best_path.exists() and resume is not None:  # resumed into a new folder; no epoch beat the old best
+            best_path = Path(resume).parent / "best.pt"
         print(f"done: best {cfg.train.select_metric} {best['score']:.4f} at epoch {best['epoch'] + 1}; "
-              f"checkpoint {out_dir / 'best.pt'}", flush=True)
+              f"checkpoint {best_path}", flush=True)
     if average["epochs"]:
         _save_average(model, average, cfg, vocab, val_loader, val_refs, device, out_dir / "averaged.pt")
     cleanup()

@@ -33,6 +33,7 @@ from captioning.engine import Stopped, caption_loss, evaluate, self_critical_los
 from captioning.metrics import bleu, score_captions
 from captioning.models import Captioner, load_model
 from captioning.models.decoder import build_decoder
+from captioning.models.encoder import Encoder
 from captioning.rewards import SampleRewards
 from captioning.training import train
 from captioning.vocab import END_ID, PAD_ID, SPECIALS, Vocabulary, tokenize
@@ -323,6 +324,24 @@ def test_a_run_folder_that_cannot_be_written_is_refused_before_training(tmp_path
     with pytest.raises(ConfigError, match=f"train.out_dir {first} cannot be written \\(Permission denied\\)"):
         train(_small(first, **{"train.epochs": 2}), resume=first / "last.pt")
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+
+
+def test_a_run_resumes_with_the_grid_it_trained_with_and_not_from_weights_that_diverged(tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:  # a run made before a grid above the encoder's was refused (32 px: 1 x 1)
+        patch.setattr(Encoder, "check_input_size", lambda self, size: None)
+        train(_small(tmp_path / "run", **{"model.grid_size": 3}))
+    with pytest.raises(ConfigError, match="model.grid_size 3 is larger than the 1x1 grid resnet18 gives"):
+        train(_small(tmp_path / "new", **{"model.grid_size": 3}))
+    last = tmp_path / "run" / "last.pt"
+    train(_small(tmp_path / "run", **{"model.grid_size": 3, "train.epochs": 2}), resume=last)
+    assert len(_metrics(tmp_path / "run")) == 2
+
+    state = load_checkpoint(last)
+    state["model"]["decoder.embed.weight"][0, 0] = float("nan")
+    save_checkpoint(state, last)
+    with pytest.raises(CheckpointError, match=r"run/last\.pt: 1 of its weights hold NaN or infinity \(first "
+                                              r"decoder\.embed\.weight\).*use an earlier checkpoint"):
+        train(_small(tmp_path / "run", **{"model.grid_size": 3, "train.epochs": 3}), resume=last)
 
 
 def test_an_empty_out_dir_is_refused_before_writing_into_the_current_folder(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from captioning import decoding  # the module: decoding imports models.decoder, which imports this package
-from captioning.checkpoint import CheckpointError, load_checkpoint
+from captioning.checkpoint import CheckpointError, check_finite, load_checkpoint
 from captioning.config import Config, ConfigError, ModelConfig
 from captioning.models.decoder import build_decoder
 from captioning.models.encoder import Encoder, pool
@@ -75,10 +75,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ca
     if stored_words != len(vocab):
         raise CheckpointError(f"{path}: its vocabulary has {len(vocab)} words but its weights {stored_words}; use the "
                               "checkpoint as the run wrote it (RUN/best.pt), or retrain")
-    diverged = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if diverged:
-        raise CheckpointError(f"{path}: {len(diverged)} of its weights hold NaN or infinity (first {diverged[0]}), so "
-                              "every caption would be noise; use an earlier checkpoint of the run, or retrain")
+    check_finite(state["model"], path)
     model = Captioner(cfg.model, vocab, encoder_weights=None)  # all weights come from the checkpoint
     mismatch = _mismatch(model.state_dict(), state["model"])
     if mismatch:
