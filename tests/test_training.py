@@ -344,6 +344,18 @@ def test_a_run_resumes_with_the_grid_it_trained_with_and_not_from_weights_that_d
         train(_small(tmp_path / "run", **{"model.grid_size": 3, "train.epochs": 3}), resume=last)
 
 
+def test_a_run_resumed_into_another_folder_names_the_best_pt_that_holds_its_best_weights(tmp_path, monkeypatch,
+                                                                                        capsys):
+    train(_small(tmp_path / "run"))
+    score = training.score_predictions
+    monkeypatch.setattr(training, "score_predictions",  # the epochs after the fork score no better
+                        lambda *args, **kwargs: {name: -1.0 for name in score(*args, **kwargs)})
+    capsys.readouterr()
+    train(_small(tmp_path / "fork", **{"train.epochs": 2}), resume=tmp_path / "run" / "last.pt")
+    assert not (tmp_path / "fork" / "best.pt").exists()
+    assert f"at epoch 1; checkpoint {tmp_path / 'run' / 'best.pt'}" in capsys.readouterr().out
+
+
 def test_an_empty_out_dir_is_refused_before_writing_into_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="config key 'train.out_dir' is empty"):
