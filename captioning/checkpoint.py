@@ -7,7 +7,6 @@ power loss) from one still being written, and delete it.
 
 from __future__ import annotations
 
-import errno
 import glob
 import os
 import pickle
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from captioning.files import is_full_disk
 
 
 class CheckpointError(RuntimeError):
@@ -37,7 +38,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if _full_disk(e):
+        if is_full_disk(e):
             raise CheckpointError(f"no space left on the device while writing {path}; the previous checkpoint "
                                   "there is intact. Free some disk space or set train.out_dir elsewhere.") from e
         raise
@@ -47,18 +48,6 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     finally:
         os.close(dir_fd)
     remove_stale_temps(path)
-
-
-def _full_disk(e: BaseException | None) -> bool:
-    """Whether `e` comes of a full disk: torch.save reports the OSError of a failed write as a RuntimeError
-    ("unexpected pos ..."), with that OSError as its context."""
-    seen = set()
-    while e is not None and id(e) not in seen:  # a chain can loop back on itself
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def _running(pid: int) -> bool:
@@ -92,6 +81,16 @@ def check_finite(weights: dict[str, torch.Tensor], path: str | Path) -> None:
                               "the model computes noise; use an earlier checkpoint of the run, or retrain")
 
 
+def load_failure(e: Exception) -> str:
+    """Why torch.load could not read a file, in one line. Only the reason: torch's messages go on with advice such as
+    passing weights_only=False, which would run any code the file holds."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError):
+        match = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.DOTALL)
+        text = match.group(1) if match else text
+    return " ".join(text.split(". ")[0].split()) or type(e).__name__
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint without unpickling code; a truncated, corrupt or code-carrying file is refused clearly."""
     path = Path(path)
@@ -106,17 +105,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                                   "that scripts/train.py wrote, such as RUN/last.pt or RUN/best.pt")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message around the reason suggests weights_only=False, which would run any code the file holds
-        match = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(e), re.DOTALL)
-        reason = match.group(1) if match else str(e)
-        if "Unsupported global" not in reason:
-            raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({reason}). "
-                                  "Use the other checkpoint of the run (last.pt / best.pt) or retrain.") from None
-        raise CheckpointError(f"{path} needs pickle to load arbitrary Python objects, which could run code; it was "
-                              f"not written by this toolkit. Re-save it as a plain state_dict. ({reason})") from None
-    except Exception as e:  # torch raises many types on damaged files: RuntimeError, EOFError, KeyError, ...
-        raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({type(e).__name__}: {e}). "
+    except Exception as e:  # torch raises many types on damaged files: RuntimeError, EOFError, UnpicklingError, ...
+        reason = load_failure(e)
+        if "Unsupported global" in reason:
+            raise CheckpointError(f"{path} needs pickle to load arbitrary Python objects, which could run code; it "
+                                  f"was not written by this toolkit. Re-save it as a plain state_dict. ({reason})"
+                                  ) from None
+        raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({reason}). "
                               "Use the other checkpoint of the run (last.pt / best.pt) or retrain.") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a captioning checkpoint (no 'model' entry)")

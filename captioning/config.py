@@ -178,7 +178,7 @@ def _looks_numeric(s: str) -> bool:
     return True
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeySafeLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key written twice in one mapping (PyYAML silently keeps the last one)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -212,7 +212,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} is not a YAML text file (for a checkpoint use train.py --resume)"
                               ) from None
         try:
-            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+            data = yaml.load(text, Loader=_UniqueKeySafeLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not a plain YAML mapping ({' '.join(str(e).split())}); "
                               "fix the syntax (python tags are never loaded)") from None

@@ -3,6 +3,7 @@ text files that are not UTF-8 named with their line."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -33,6 +34,18 @@ def write_whole(texts: dict[Path, str]) -> None:
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
+
+
+def is_full_disk(e: BaseException | None) -> bool:
+    """Whether `e` comes of a full disk or an exhausted quota, also when wrapped: torch.save reports the OSError of a
+    failed write as a RuntimeError ("unexpected pos ...") with that OSError as its context."""
+    seen = set()
+    while e is not None and id(e) not in seen:  # a chain can loop back on itself
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def check_writable(folder: Path) -> None:

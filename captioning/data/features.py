@@ -10,7 +10,6 @@ removes its temporary files.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -27,6 +26,7 @@ from captioning.config import Config, ConfigError
 from captioning.data.datasets import EvalDataset, ImageLoader, Preprocess, collate_eval, report_unreadable
 from captioning.data.sources import CaptionSource, ReportedImageError
 from captioning.engine import StopFlag, Stopped, leave_signals_to_main
+from captioning.files import is_full_disk
 from captioning.models.encoder import Encoder
 
 
@@ -105,7 +105,7 @@ def extract_features(encoder: Encoder, loader_source: CaptionSource, preprocess:
         os.replace(tmp, folder / f"{split}.npy")
         os.replace(meta_tmp, folder / f"{split}.json")  # the record last: it marks the cache complete
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_full_disk(e):
             raise
         raise ValueError(f"no space left for the {split} split's feature cache in {folder} ({e.strerror}); free "
                          "space there or set data.feature_cache to a folder on another disk") from None

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from captioning.checkpoint import load_failure
 from captioning.config import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -78,7 +79,7 @@ class Encoder(nn.Module):
             cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(resolved.url).path).name
             if cached.is_file():  # downloaded, but damaged since (or cut short by a full disk)
                 raise ConfigError(f"model.encoder_weights '{weights}': the downloaded weights file {cached} is "
-                                  f"damaged ({_load_error(e)}); delete it and it is downloaded again") from None
+                                  f"damaged ({load_failure(e)}); delete it and it is downloaded again") from None
             raise ConfigError(f"model.encoder_weights '{weights}': could not get {resolved.url} ({e}); on a machine "
                               "without internet, download the file elsewhere and set model.encoder_weights to its "
                               "path, or use null for random weights") from None
@@ -170,20 +171,13 @@ def pool(grid: torch.Tensor) -> torch.Tensor:
 _LOAD_ERRORS = (OSError, RuntimeError, EOFError, pickle.UnpicklingError)
 
 
-def _load_error(e: Exception) -> str:
-    """A short reason for a torch.load failure; torch's own messages run on with advice that does not apply here."""
-    if isinstance(e, pickle.UnpicklingError):  # its message suggests weights_only=False: never for a damaged file
-        return "not a file written by torch.save"
-    return str(e).split(". ")[0] or type(e).__name__
-
-
 def _load_trunk_state(model: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except _LOAD_ERRORS as e:
         if isinstance(e, OSError) and e.filename:  # unreadable (permissions...): reported with its file name
             raise
-        raise ConfigError(f"model.encoder_weights {path} is damaged or cut short ({_load_error(e)}); download or copy "
+        raise ConfigError(f"model.encoder_weights {path} is damaged or cut short ({load_failure(e)}); download or copy "
                           "it again") from None
     if not isinstance(state, dict):
         raise ConfigError(f"model.encoder_weights {path} does not hold a state_dict (a dict of tensors)")
